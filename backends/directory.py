@@ -1,0 +1,50 @@
+"""The Directory interface every backend implements (Stalwart's pre-0.10.7 query surface).
+
+Keys reach a directory already normalised (see :mod:`.address`): addresses and domains lower-cased and
+IDNA-encoded, login names lower-cased. A directory answers exactly the key it is given; sub-address stripping and
+the catch-all fallback are done once, by the caller, for every backend alike.
+
+Every method raises :class:`~.errors.TemporaryFailure` when the backend cannot answer now. "Not found" is ``None``
+or an empty tuple, and is only ever returned when the backend really answered so.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from .model import Principal, Recipient
+
+
+class Directory(abc.ABC):
+    """Asynchronous, read-only view of a directory of principals."""
+
+    @abc.abstractmethod
+    async def principal(self, name: str) -> Principal | None:
+        """The principal whose login name is ``name``."""
+
+    @abc.abstractmethod
+    async def recipient(self, address: str) -> Recipient | None:
+        """Where mail for ``address`` goes: a mailbox, an expansion (list/group), or ``None`` (invalid)."""
+
+    @abc.abstractmethod
+    async def is_local_domain(self, domain: str) -> bool:
+        """Whether the directory receives mail for ``domain``."""
+
+    @abc.abstractmethod
+    async def email_to_names(self, address: str) -> tuple[str, ...]:
+        """Names of the principals that have ``address`` among their addresses (primary or alias)."""
+
+    @abc.abstractmethod
+    async def sender_logins(self, address: str) -> tuple[str, ...]:
+        """Login names allowed to send as ``address``: its owners, and for a group's address its members."""
+
+    @abc.abstractmethod
+    async def vrfy(self, address: str) -> tuple[str, ...]:
+        """Primary addresses of the mailboxes that ``address`` names (SMTP VRFY)."""
+
+    @abc.abstractmethod
+    async def expn(self, address: str) -> tuple[str, ...]:
+        """Addresses that the list or group ``address`` expands to (SMTP EXPN)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, most directories hold nothing
+        """Release connections and files."""

@@ -1,0 +1,1 @@
+"""mailroster daemon layer."""

@@ -1,0 +1,305 @@
+"""Listeners and the daemon's life cycle.
+
+One protocol factory serves every listener of a protocol, on a Unix socket, a TCP port or a socket inherited from
+systemd. A :class:`ServerState` tracks live connections: it enforces the global connection limit and idle
+timeouts and, on SIGTERM, lets in-flight requests finish before closing connections (a second SIGTERM forces).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import signal
+import socket
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailroster.backends.directory import Directory
+from mailroster.protocols.service import Connection
+from mailroster.protocols.socketmap import SocketmapSession
+from mailroster.protocols.tcptable import TcpTableSession
+
+from . import systemd
+from .config import Config, ListenerConfig, parse_bind, resolve_path
+from .lookups import LookupService
+
+log = logging.getLogger(__name__)
+
+#: Protocols this version serves; the others are accepted by the configuration schema for later versions.
+AVAILABLE_PROTOCOLS = ("socketmap", "tcp-table")
+LISTEN_BACKLOG = 1024
+SWEEP_INTERVAL = 1.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start as configured (a socket in use, a missing group, an unavailable protocol)."""
+
+
+def check_listeners(config: Config) -> list[str]:
+    """Problems with the listeners that the configuration schema cannot see; empty when all can be served."""
+    return [
+        f"server.listener.{name}.protocol: {listener.protocol!r} is not available in this version"
+        for name, listener in config.server.listener.items()
+        if listener.protocol not in AVAILABLE_PROTOCOLS
+    ]
+
+
+class ServerState:
+    """Live connections, for the connection limit, idle timeouts and draining."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.connections: dict[Connection, float] = {}  # connection -> its idle timeout
+        self.draining = False
+        self._refused = 0
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+
+    def observer(self, idle_timeout: float) -> ListenerObserver:
+        return ListenerObserver(self, idle_timeout)
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle for longer than their listener's timeout."""
+        for conn, timeout in list(self.connections.items()):
+            if not conn.busy and now - conn.last_active > timeout:
+                log.info("closing idle connection after %.0fs", timeout)
+                conn.close()
+
+    def drain(self) -> None:
+        """Stop taking connections; close those with nothing in flight now and the others as they finish."""
+        self.draining = True
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.close()
+
+    def abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.close()
+
+    async def wait_closed(self) -> None:
+        await self._all_closed.wait()
+
+
+@dataclass(slots=True)
+class ListenerObserver:
+    """The :class:`~mailroster.protocols.service.ConnectionObserver` of one listener."""
+
+    state: ServerState
+    idle_timeout: float
+
+    def opened(self, conn: Connection) -> bool:
+        state = self.state
+        if state.draining:
+            return False
+        if len(state.connections) >= state.max_connections:
+            state._refused += 1
+            if state._refused == 1 or state._refused % 1000 == 0:
+                log.warning("connection limit of %d reached, refused=%d", state.max_connections, state._refused)
+            return False
+        state.connections[conn] = self.idle_timeout
+        state._all_closed.clear()
+        return True
+
+    def closed(self, conn: Connection) -> None:
+        state = self.state
+        state.connections.pop(conn, None)
+        if not state.connections:
+            state._all_closed.set()
+
+    def idle(self, conn: Connection) -> None:
+        if self.state.draining:
+            conn.close()
+
+
+def _protocol_factory(
+    listener: ListenerConfig, service: LookupService, observer: ListenerObserver
+) -> Callable[[], asyncio.Protocol]:
+    if listener.protocol == "socketmap":
+        return lambda: SocketmapSession(service, observer)
+    if listener.protocol == "tcp-table":
+        map_name = listener.map or "mailbox"
+        return lambda: TcpTableSession(service, map_name, observer)
+    raise StartupError(f"protocol {listener.protocol!r} is not available in this version")
+
+
+def _lookup_id(name: str, kind: str) -> int:
+    try:
+        return pwd.getpwnam(name).pw_uid if kind == "owner" else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise StartupError(f"unknown {'user' if kind == 'owner' else 'group'} {name!r}") from None
+
+
+def bind_unix(path: str, mode: int, owner: str, group: str) -> socket.socket:
+    """A listening Unix socket at ``path`` with ``mode``/``owner``/``group`` applied before anyone can connect.
+
+    A stale socket left by a crashed daemon is replaced; a live one (something answers on it) is not.
+    """
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: stale
+        else:
+            raise StartupError(f"{path} is in use by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old_umask = os.umask(0o177)  # nobody but us until the mode below is set
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        uid = _lookup_id(owner, "owner") if owner else -1
+        gid = _lookup_id(group, "group") if group else -1
+        if uid != -1 or gid != -1:
+            os.chown(path, uid, gid)
+        os.chmod(path, mode)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class Daemon:
+    """Everything ``mailroster serve`` runs: directories, lookup services, listeners, signals."""
+
+    def __init__(self, config: Config, directories: dict[str, Directory]) -> None:
+        self.config = config
+        self.directories = directories
+        self.state = ServerState(config.server.max_connections)
+        self.services = {name: LookupService(d, config.lookup) for name, d in directories.items()}
+        self._servers: list[asyncio.Server] = []
+        self._unix_paths: list[tuple[str, int]] = []  # (path, inode) to remove on stop, if still ours
+        self._stop = asyncio.Event()
+        self._force = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Bind every listener. On any error, what was bound is closed again and StartupError raised."""
+        loop = asyncio.get_running_loop()
+        inherited = systemd.listen_fds()
+        server_cfg = self.config.server
+        try:
+            for name, listener in server_cfg.listener.items():
+                directory = listener.directory or self.config.storage.directory
+                idle = float(listener.idle_timeout if listener.idle_timeout is not None else server_cfg.idle_timeout)
+                factory = _protocol_factory(listener, self.services[directory], self.state.observer(idle))
+                kind, *where = parse_bind(listener.bind)
+                if kind == "unix":
+                    path = resolve_path(server_cfg.run_dir, str(where[0]))
+                    opts = listener.socket
+                    try:
+                        sock = bind_unix(path, int(opts.mode, 8), opts.owner, opts.group)
+                    except OSError as exc:
+                        raise StartupError(f"listener {name}: cannot bind {path}: {exc.strerror}") from None
+                    self._unix_paths.append((path, os.stat(path).st_ino))
+                    server = await loop.create_unix_server(factory, sock=sock)
+                elif kind == "tcp":
+                    host, port = str(where[0]), int(where[1])
+                    try:
+                        server = await loop.create_server(
+                            factory, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
+                        )
+                    except OSError as exc:
+                        raise StartupError(f"listener {name}: cannot bind {listener.bind}: {exc.strerror}") from None
+                else:
+                    sock = inherited.pop(str(where[0]), None)
+                    if sock is None:
+                        raise StartupError(f"listener {name}: systemd passed no socket named {where[0]!r}")
+                    sock.setblocking(False)
+                    if sock.family == socket.AF_UNIX:
+                        server = await loop.create_unix_server(factory, sock=sock)
+                    else:
+                        server = await loop.create_server(factory, sock=sock)
+                self._servers.append(server)
+                log.info("listening listener=%s protocol=%s bind=%s", name, listener.protocol, listener.bind)
+        except BaseException:
+            await self._close_listeners()
+            raise
+        self._tasks.append(loop.create_task(self._sweeper()))
+        interval = systemd.watchdog_interval()
+        if interval:
+            self._tasks.append(loop.create_task(self._watchdog(interval)))
+
+    def stop(self) -> None:
+        """Begin a graceful stop; called a second time, stop at once."""
+        if self._stop.is_set():
+            self._force = True
+            self.state.abort_all()
+        self._stop.set()
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            await self.start()
+            systemd.notify("READY=1\nSTATUS=serving")
+            log.info("ready listeners=%d pid=%d", len(self._servers), os.getpid())
+            await self._stop.wait()
+            log.info("stopping: draining %d connections", len(self.state.connections))
+            systemd.notify("STOPPING=1")
+            await self.shutdown()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def shutdown(self) -> None:
+        """Stop listening, let in-flight requests finish (up to shutdown-timeout), close directories."""
+        await self._close_listeners()
+        self.state.drain()
+        try:
+            await asyncio.wait_for(self.state.wait_closed(), float(self.config.server.shutdown_timeout))
+        except TimeoutError:
+            log.warning("shutdown timeout: closing %d busy connections", len(self.state.connections))
+            self.state.abort_all()
+        for task in self._tasks:
+            task.cancel()
+        for directory in self.directories.values():
+            try:
+                await directory.close()
+            except Exception:
+                log.exception("closing a directory failed")
+
+    async def _close_listeners(self) -> None:
+        # Server.wait_closed() is not awaited: from Python 3.12 on it also waits for every connection, which
+        # shutdown() drains on its own terms.
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        for path, inode in self._unix_paths:
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == inode:  # do not remove a socket another daemon has since bound
+                    os.unlink(path)
+        self._unix_paths.clear()
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.state.sweep(time.monotonic())
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
