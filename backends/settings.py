@@ -21,7 +21,7 @@ class Duration(float):
     @classmethod
     def parse(cls, raw: object) -> Duration:
         if isinstance(raw, bool):
-            raise ValueError("expected a duration such as \"30s\" or \"10m\"")
+            raise ValueError('expected a duration such as "30s" or "10m"')
         if isinstance(raw, int | float):
             if raw < 0:
                 raise ValueError("a duration cannot be negative")
@@ -30,7 +30,7 @@ class Duration(float):
             match = _DURATION_RE.match(raw)
             if match:
                 return cls(float(match.group(1)) * _DURATION_UNITS[match.group(2)])
-        raise ValueError(f"expected a duration such as \"30s\" or \"10m\", got {raw!r}")
+        raise ValueError(f'expected a duration such as "30s" or "10m", got {raw!r}')
 
 
 class Size(int):
@@ -39,7 +39,7 @@ class Size(int):
     @classmethod
     def parse(cls, raw: object) -> Size:
         if isinstance(raw, bool):
-            raise ValueError("expected a size such as \"500M\" or a number of bytes")
+            raise ValueError('expected a size such as "500M" or a number of bytes')
         if isinstance(raw, int):
             if raw < 0:
                 raise ValueError("a size cannot be negative")
@@ -48,7 +48,7 @@ class Size(int):
             match = _SIZE_RE.match(raw)
             if match:
                 return cls(int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-        raise ValueError(f"expected a size such as \"500M\" or a number of bytes, got {raw!r}")
+        raise ValueError(f'expected a size such as "500M" or a number of bytes, got {raw!r}')
 
 
 @dataclass(frozen=True, slots=True)

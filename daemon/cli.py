@@ -94,9 +94,9 @@ def _event_loop_factory(choice: str) -> type[asyncio.AbstractEventLoop] | None:
         import uvloop  # noqa: PLC0415 - optional dependency
     except ImportError:
         if choice == "uvloop":
-            raise StartupError("event-loop = \"uvloop\" but uvloop is not installed") from None
+            raise StartupError('event-loop = "uvloop" but uvloop is not installed') from None
         return None
-    return uvloop.Loop  # type: ignore[no-any-return]
+    return uvloop.Loop  # type: ignore[no-any-return,unused-ignore]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

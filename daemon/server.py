@@ -205,33 +205,7 @@ class Daemon:
                 directory = listener.directory or self.config.storage.directory
                 idle = float(listener.idle_timeout if listener.idle_timeout is not None else server_cfg.idle_timeout)
                 factory = _protocol_factory(listener, self.services[directory], self.state.observer(idle))
-                kind, *where = parse_bind(listener.bind)
-                if kind == "unix":
-                    path = resolve_path(server_cfg.run_dir, str(where[0]))
-                    opts = listener.socket
-                    try:
-                        sock = bind_unix(path, int(opts.mode, 8), opts.owner, opts.group)
-                    except OSError as exc:
-                        raise StartupError(f"listener {name}: cannot bind {path}: {exc.strerror}") from None
-                    self._unix_paths.append((path, os.stat(path).st_ino))
-                    server = await loop.create_unix_server(factory, sock=sock)
-                elif kind == "tcp":
-                    host, port = str(where[0]), int(where[1])
-                    try:
-                        server = await loop.create_server(
-                            factory, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
-                        )
-                    except OSError as exc:
-                        raise StartupError(f"listener {name}: cannot bind {listener.bind}: {exc.strerror}") from None
-                else:
-                    sock = inherited.pop(str(where[0]), None)
-                    if sock is None:
-                        raise StartupError(f"listener {name}: systemd passed no socket named {where[0]!r}")
-                    sock.setblocking(False)
-                    if sock.family == socket.AF_UNIX:
-                        server = await loop.create_unix_server(factory, sock=sock)
-                    else:
-                        server = await loop.create_server(factory, sock=sock)
+                server = await self._bind(name, listener, factory, inherited)
                 self._servers.append(server)
                 log.info("listening listener=%s protocol=%s bind=%s", name, listener.protocol, listener.bind)
         except BaseException:
@@ -241,6 +215,39 @@ class Daemon:
         interval = systemd.watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(self._watchdog(interval)))
+
+    async def _bind(
+        self,
+        name: str,
+        listener: ListenerConfig,
+        factory: Callable[[], asyncio.Protocol],
+        inherited: dict[str, socket.socket],
+    ) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        match parse_bind(listener.bind):
+            case ("unix", relative):
+                path = resolve_path(self.config.server.run_dir, relative)
+                opts = listener.socket
+                try:
+                    sock = bind_unix(path, int(opts.mode, 8), opts.owner, opts.group)
+                except OSError as exc:
+                    raise StartupError(f"listener {name}: cannot bind {path}: {exc.strerror}") from None
+                self._unix_paths.append((path, os.stat(path).st_ino))
+                return await loop.create_unix_server(factory, sock=sock)
+            case ("tcp", host, port):
+                try:
+                    return await loop.create_server(factory, host, port, reuse_address=True, backlog=LISTEN_BACKLOG)
+                except OSError as exc:
+                    raise StartupError(f"listener {name}: cannot bind {listener.bind}: {exc.strerror}") from None
+            case ("fd", fd_name):
+                inherited_sock = inherited.pop(fd_name, None)
+                if inherited_sock is None:
+                    raise StartupError(f"listener {name}: systemd passed no socket named {fd_name!r}")
+                inherited_sock.setblocking(False)
+                if inherited_sock.family == socket.AF_UNIX:
+                    return await loop.create_unix_server(factory, sock=inherited_sock)
+                return await loop.create_server(factory, sock=inherited_sock)
+        raise StartupError(f"listener {name}: cannot bind {listener.bind!r}")
 
     def stop(self) -> None:
         """Begin a graceful stop; called a second time, stop at once."""

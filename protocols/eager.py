@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import types
 from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
 
@@ -34,7 +35,9 @@ def run_eagerly(coro: Coroutine[Any, Any, T]) -> T | asyncio.Task[T]:
     return task
 
 
-def _cancel_unstarted(task: asyncio.Task[Any], coro: Coroutine[Any, Any, Any], yielded: Any, started: list[bool]) -> None:
+def _cancel_unstarted(
+    task: asyncio.Task[Any], coro: Coroutine[Any, Any, Any], yielded: Any, started: list[bool]
+) -> None:
     """A task cancelled before its first step never ran ``_resume``: pass the cancellation on from here."""
     if started or not task.cancelled():
         return
@@ -50,7 +53,7 @@ def _cancel_unstarted(task: asyncio.Task[Any], coro: Coroutine[Any, Any, Any], y
     coro.close()  # it awaited again while cleaning up: nothing is left to drive it
 
 
-@asyncio.coroutines.types.coroutine  # type: ignore[attr-defined]
+@types.coroutine
 def _bare_yield() -> Generator[None, None, None]:
     yield
 

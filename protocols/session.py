@@ -78,7 +78,7 @@ class RequestReplySession(asyncio.Protocol):
         peer = self._transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         if self._observer is not None and not self._observer.opened(self):
-            transport.abort()
+            self._transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True

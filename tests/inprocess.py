@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from mailroster.backends.directory import Directory
+from mailroster.backends.errors import TemporaryFailure
 from mailroster.daemon.config import load_config
 from mailroster.daemon.server import Daemon
 
@@ -59,8 +60,6 @@ class FailingDirectory(Directory):
         self.down = True
 
     def _check(self) -> Directory:
-        from mailroster.backends.errors import TemporaryFailure
-
         if self.down or self.inner is None:
             raise TemporaryFailure("backend unavailable")
         return self.inner

@@ -6,11 +6,12 @@ import asyncio
 from typing import Any
 
 import pytest
-from contract import DOMAINS, PRINCIPALS, DirectoryContract
 
 from mailroster.backends.memory import MemoryDirectory, MemoryDirectoryConfig, MemoryPrincipalConfig
 from mailroster.backends.model import Expansion, Mailbox
 from mailroster.backends.settings import Size
+
+from contract import DOMAINS, PRINCIPALS, DirectoryContract
 
 # Stalwart's TOML keys -> MemoryPrincipalConfig fields.
 _FIELDS = {"class": "class_", "email-list": "email_list", "member-of": "member_of"}

@@ -35,9 +35,7 @@ def test_wheel_contains_every_module(tmp_path: Path) -> None:
 def test_every_code_folder_is_mapped_and_listed() -> None:
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
-    mapping = dict(
-        line.split("=", 1) for line in cfg["options"]["package_dir"].strip().splitlines() if "=" in line
-    )
+    mapping = dict(line.split("=", 1) for line in cfg["options"]["package_dir"].strip().splitlines() if "=" in line)
     mapping = {k.strip(): v.strip() for k, v in mapping.items()}
     packages = set(cfg["options"]["packages"].split())
     for folder in ("daemon", "protocols", "backends"):

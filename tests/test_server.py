@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import signal
 import socket
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MAILROSTER, free_port
-
 from mailroster.protocols.netstring import NetstringDecoder, encode_netstring
+
+from conftest import MAILROSTER, free_port
 
 DIRECTORY = """
 [storage]
@@ -70,16 +71,12 @@ def test_unix_socket_mode_and_group_applied_and_removed_on_stop(daemon_factory) 
     st = os.stat(path)
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o640
-    import grp
-
     assert grp.getgrgid(st.st_gid).gr_name == group
     assert daemon.stop() == 0
     assert not os.path.exists(path)
 
 
 def _group_exists(name: str) -> bool:
-    import grp
-
     try:
         grp.getgrnam(name)
     except KeyError:
@@ -193,8 +190,9 @@ def test_tcp_listener_and_bad_config_exit_code(daemon_factory, short_tmp: Path) 
         busy = taken.getsockname()[1]
         (short_tmp / "busy").mkdir()
         (short_tmp / "busy" / "c.toml").write_text(
-            config(extra=f'[server.listener.tcp]\nprotocol = "tcp-table"\nbind = "127.0.0.1:{busy}"\nmap = "domain"\n')
-            .replace("{run}", str(short_tmp / "busy"))
+            config(
+                extra=f'[server.listener.tcp]\nprotocol = "tcp-table"\nbind = "127.0.0.1:{busy}"\nmap = "domain"\n'
+            ).replace("{run}", str(short_tmp / "busy"))
         )
         result = subprocess.run(
             [MAILROSTER, "serve", "-c", str(short_tmp / "busy")], capture_output=True, text=True, timeout=20
