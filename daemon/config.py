@@ -46,6 +46,9 @@ MAILBOX_PATH_PLACEHOLDERS = ("name", "local", "domain")
 
 Bind = tuple[Literal["unix"], str] | tuple[Literal["tcp"], str, int] | tuple[Literal["fd"], str]
 
+# A dotted key as a path: table keys, and array indexes for elements of arrays of tables.
+_KeyPath = tuple[str | int, ...]
+
 # Linux's sun_path holds 108 bytes including the terminating NUL; a longer path fails only at bind() time.
 _SUN_PATH_MAX = 107
 
@@ -54,8 +57,12 @@ class ConfigError(Exception):
     """Every problem found in one run, each a line ``FILE: dotted.key: message``."""
 
     def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = list(errors)
+        # The list itself is the only argument, so that the exception pickles back into the same errors.
+        super().__init__(list(errors))
+        self.errors: list[str] = list(errors)
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
 
 
 # Field metadata understood by the converter:
@@ -189,8 +196,8 @@ class ServerConfig:
     state_dir: str = "/var/lib/mailroster"
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     max_connections: int = field(default=4096, metadata={"check": _check_positive})
-    idle_timeout: Duration = Duration(300)  # noqa: RUF009 (a float: immutable, safe to share)
-    shutdown_timeout: Duration = Duration(10)  # noqa: RUF009
+    idle_timeout: Duration = Duration(300)
+    shutdown_timeout: Duration = Duration(10)
     listener: dict[str, ListenerConfig] = field(default_factory=dict)
 
 
@@ -269,7 +276,7 @@ def _config_files(targets: list[Path], errors: list[str]) -> list[Path]:
     for target in targets:
         if target.is_dir():
             try:
-                # Hidden files are skipped: editors leave .#name.toml and .name.toml.swp-like files behind.
+                # Hidden files are skipped: editors leave lock files such as .#name.toml behind.
                 names = sorted(p.name for p in target.iterdir() if p.suffix == ".toml" and not p.name.startswith("."))
             except OSError as exc:
                 errors.append(f"{target}: cannot read: {exc.strerror}")
@@ -294,9 +301,6 @@ def _read_toml(path: Path, errors: list[str]) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         errors.append(f"{path}: invalid TOML: {exc}")
     return {}
-
-
-_KeyPath = tuple[str | int, ...]
 
 
 def _merge(
@@ -360,7 +364,8 @@ class _Converter:
     def _reject_unknown_keys(self, table: Mapping[str, object], known: Collection[str], path: _KeyPath) -> None:
         for key in table:
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
+                # Above difflib's default 0.6, which offers "store" for "sources": a wrong hint is worse than none.
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
                 self.report((*path, key), "unknown key" + (f' (did you mean "{close[0]}"?)' if close else ""))
 
     def _wrong_type(self, expected: str, value: object, path: _KeyPath) -> Any:
@@ -616,6 +621,9 @@ def _load_class(spec: str) -> type[Any]:
 
 
 def _is_scalar(tp: Any) -> bool:
+    """Whether a single value may stand for a one-element list of ``tp`` (a Secret table is one value)."""
+    if tp is Secret:
+        return True
     return get_origin(tp) not in (list, dict) and not dataclasses.is_dataclass(tp)
 
 

@@ -233,7 +233,7 @@ class Daemon:
                 except OSError as exc:
                     raise StartupError(f"listener {name}: cannot bind {path}: {exc.strerror}") from None
                 self._unix_paths.append((path, os.stat(path).st_ino))
-                return await loop.create_unix_server(factory, sock=sock)
+                return await loop.create_unix_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
             case ("tcp", host, port):
                 try:
                     return await loop.create_server(factory, host, port, reuse_address=True, backlog=LISTEN_BACKLOG)
@@ -245,8 +245,8 @@ class Daemon:
                     raise StartupError(f"listener {name}: systemd passed no socket named {fd_name!r}")
                 inherited_sock.setblocking(False)
                 if inherited_sock.family == socket.AF_UNIX:
-                    return await loop.create_unix_server(factory, sock=inherited_sock)
-                return await loop.create_server(factory, sock=inherited_sock)
+                    return await loop.create_unix_server(factory, sock=inherited_sock, backlog=LISTEN_BACKLOG)
+                return await loop.create_server(factory, sock=inherited_sock, backlog=LISTEN_BACKLOG)
         raise StartupError(f"listener {name}: cannot bind {listener.bind!r}")
 
     def stop(self) -> None:
