@@ -47,6 +47,11 @@ class ThreadedDaemon:
             raise self._error
         return self
 
+    def begin_shutdown(self) -> None:
+        """What SIGTERM does: stop listening, drain, close; returns at once."""
+        assert self.daemon is not None
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.daemon.shutdown()))  # type: ignore[union-attr]
+
     def __exit__(self, *exc: object) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
@@ -84,3 +89,16 @@ class FailingDirectory(Directory):
 
     async def expn(self, address):  # type: ignore[no-untyped-def]
         return await self._check().expn(address)
+
+
+class SlowDirectory(FailingDirectory):
+    """A backend that is up but takes ``delay`` seconds to answer ``recipient``."""
+
+    def __init__(self, inner: Directory, delay: float) -> None:
+        super().__init__(inner)
+        self.down = False
+        self.delay = delay
+
+    async def recipient(self, address):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(self.delay)
+        return await self._check().recipient(address)

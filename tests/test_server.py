@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from mailroster.backends.memory import MemoryDirectory
+from mailroster.backends.model import Principal
 from mailroster.protocols.netstring import NetstringDecoder, encode_netstring
 
 from conftest import MAILROSTER, free_port
+from inprocess import SlowDirectory, ThreadedDaemon
 
 DIRECTORY = """
 [storage]
@@ -200,3 +203,22 @@ def test_tcp_listener_and_bad_config_exit_code(daemon_factory, short_tmp: Path) 
     assert result.returncode == 78
     assert f"cannot bind 127.0.0.1:{busy}" in result.stderr
     assert not os.path.exists(short_tmp / "busy" / "socketmap")  # what was bound is cleaned up
+
+
+def test_shutdown_drains_in_flight_requests(short_tmp: Path) -> None:
+    """A request in flight when the daemon is told to stop still gets its answer; then the connection closes."""
+    (short_tmp / "c.toml").write_text(config().replace("{run}", str(short_tmp)))
+    slow = SlowDirectory(MemoryDirectory([Principal("alice", emails=("alice@example.org",))]), delay=0.5)
+    with (
+        ThreadedDaemon(short_tmp / "c.toml", {"main": slow}) as threaded,
+        connect(str(short_tmp / "socketmap")) as sock,
+    ):
+        sock.sendall(encode_netstring(b"mailbox alice@example.org"))
+        time.sleep(0.1)
+        threaded.begin_shutdown()
+        time.sleep(0.1)
+        assert not os.path.exists(short_tmp / "socketmap")  # no longer listening
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+        assert data == encode_netstring(b"OK example.org/alice/")
