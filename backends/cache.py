@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from .directory import Directory
 from .errors import TemporaryFailure
@@ -27,6 +27,9 @@ from .settings import CacheConfig
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: What :meth:`CachedDirectory.peek` and :meth:`CachedDirectory.stale` return when they have nothing.
+MISS: Final[Any] = object()
 _Key = tuple[str, str]
 
 
@@ -60,37 +63,44 @@ class CachedDirectory(Directory):
         self._negative: OrderedDict[_Key, tuple[float, Any]] = OrderedDict()
         self._hits = self._misses = self._stale = self._evictions = 0
 
-    async def _get(self, kind: str, key: str, load: Callable[[str], Awaitable[T]]) -> T:
+    def peek(self, kind: str, key: str) -> Any:
+        """The fresh cached value of ``key`` in namespace ``kind``, or :data:`MISS`. Synchronous: the hot path."""
         k = (kind, key)
         now = self._clock()
         entry = self._positive.get(k)
-        if entry is not None:
-            if entry[0] > now:
-                self._positive.move_to_end(k)
-                self._hits += 1
-                return entry[1]  # type: ignore[no-any-return]
+        if entry is None:
+            entry = self._negative.get(k)
+            if entry is None or entry[0] <= now:
+                return MISS
+            self._negative.move_to_end(k)
+        elif entry[0] <= now:
+            return MISS
         else:
-            negative = self._negative.get(k)
-            if negative is not None and negative[0] > now:
-                self._negative.move_to_end(k)
-                self._hits += 1
-                return negative[1]  # type: ignore[no-any-return]
-        self._misses += 1
-        try:
-            value = await load(key)
-        except TemporaryFailure:
-            if entry is None:
-                raise
-            self._stale += 1
-            log.warning("directory failed, serving expired cache entry kind=%s", kind)
-            return entry[1]  # type: ignore[no-any-return]
-        self._store(k, value)
-        return value
+            self._positive.move_to_end(k)
+        self._hits += 1
+        return entry[1]
 
-    def _store(self, k: _Key, value: object) -> None:
+    def stale(self, kind: str, key: str) -> Any:
+        """An expired *positive* value to serve while the backend fails, or :data:`MISS`.
+
+        Called after a failed trip to the backend, which counts as a miss, as a completed one does in :meth:`store`.
+        """
+        self._misses += 1
+        entry = self._positive.get((kind, key))
+        if entry is None:
+            return MISS
+        self._stale += 1
+        log.warning("directory failed, serving expired cache entry kind=%s", kind)
+        return entry[1]
+
+    def store(self, kind: str, key: str, value: object, *, found: bool | None = None) -> None:
+        """Remember ``value`` just loaded from the backend (a miss); ``found`` (default: the value's truth) picks the
+        positive or the negative store."""
+        self._misses += 1
         if self._entries <= 0:
             return
-        if value:
+        k = (kind, key)
+        if found if found is not None else bool(value):
             store, other, ttl = self._positive, self._negative, self._ttl_positive
         else:
             store, other, ttl = self._negative, self._positive, self._ttl_negative
@@ -100,6 +110,20 @@ class CachedDirectory(Directory):
         if len(store) > self._entries:
             store.popitem(last=False)
             self._evictions += 1
+
+    async def _get(self, kind: str, key: str, load: Callable[[str], Awaitable[T]]) -> T:
+        value = self.peek(kind, key)
+        if value is not MISS:
+            return value  # type: ignore[no-any-return]
+        try:
+            value = await load(key)
+        except TemporaryFailure:
+            value = self.stale(kind, key)
+            if value is MISS:
+                raise
+            return value  # type: ignore[no-any-return]
+        self.store(kind, key, value)
+        return value
 
     # The Directory interface, every method through the cache.
 

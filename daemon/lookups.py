@@ -11,6 +11,11 @@
 
 Postfix sends these keys verbatim, so case folding, IDNA, ``+detail`` stripping and the ``@domain`` catch-all
 are done here, once, for every backend. A backend fault becomes :class:`TempFail`, never "not found".
+
+When the directory is a :class:`CachedDirectory`, each map's *answer* is what gets cached, under the key exactly as
+the client sent it: a hit costs one dict lookup (:meth:`LookupService.cached`, synchronous, for the protocols' hot
+path). Answers are computed from the backend behind the cache, so no answer is ever older than the TTL; a found
+answer past its TTL is served while the backend fails, as for every cache entry.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from mailroster.backends.address import (
     normalize_domain,
     split_address,
 )
+from mailroster.backends.cache import MISS, CachedDirectory
 from mailroster.backends.directory import Directory
 from mailroster.backends.errors import PermanentFailure, TemporaryFailure
 from mailroster.backends.model import Expansion, Mailbox, Principal, PrincipalType, Recipient
@@ -40,7 +46,9 @@ class LookupService:
     """Answers every lookup map from one directory (usually a :class:`CachedDirectory`)."""
 
     def __init__(self, directory: Directory, config: LookupConfig) -> None:
-        self.directory = directory
+        # Answers are cached whole; they are computed from the backend itself (see the module docstring).
+        self._cache = directory if isinstance(directory, CachedDirectory) else None
+        self.directory = directory.inner if isinstance(directory, CachedDirectory) else directory
         self._separator = config.separator if config.subaddressing else ""
         self._catch_all = config.catch_all
         self._mailbox_path = config.mailbox_path
@@ -53,22 +61,46 @@ class LookupService:
             "quota": self._quota,
         }
         assert set(self._maps) == set(MAP_NAMES)
+        # Cache namespaces, apart from those of the Directory methods.
+        self._kinds = {name: f"map.{name}" for name in self._maps}
+
+    def cached(self, map_name: str, key: str) -> Outcome | None:
+        """The cached answer, if there is a fresh one: synchronous, for the protocols' hot path."""
+        if self._cache is None:
+            return None
+        kind = self._kinds.get(map_name)
+        if kind is None:
+            return None
+        value = self._cache.peek(kind, key)
+        return None if value is MISS else value
 
     async def lookup(self, map_name: str, key: str) -> Outcome:
         """Look ``key`` up in ``map_name``; never raises."""
         handler = self._maps.get(map_name)
         if handler is None:
             return PermFail(f"unknown map {map_name[:_MAX_MAP_NAME]!r}")
+        cache, kind = self._cache, self._kinds[map_name]
+        if cache is not None:
+            hit = cache.peek(kind, key)
+            if hit is not MISS:
+                return hit  # type: ignore[no-any-return]
         try:
-            return await handler(key)
+            outcome = await handler(key)
         except TemporaryFailure as exc:
+            if cache is not None:
+                stale = cache.stale(kind, key)
+                if stale is not MISS:
+                    return stale  # type: ignore[no-any-return]
             return TempFail(str(exc) or "directory unavailable")
         except PermanentFailure as exc:
             log.error("map=%s directory misconfigured: %s", map_name, exc)
             return PermFail(str(exc) or "directory misconfigured")
         except ValueError:
             # The key cannot be a domain or an address (bad IDNA, no '@'): it exists nowhere.
-            return NOT_FOUND
+            outcome = NOT_FOUND
+        if cache is not None:
+            cache.store(kind, key, outcome, found=isinstance(outcome, Found))
+        return outcome
 
     # Helpers shared by the maps.
 

@@ -14,6 +14,10 @@ from mailroster.backends.outcome import Outcome
 class MapService(Protocol):
     """Answers the lookup maps (domain, mailbox, alias, sender, recipient, quota)."""
 
+    def cached(self, map_name: str, key: str) -> Outcome | None:
+        """A fresh cached answer, or ``None``: synchronous, so that a hit costs no coroutine at all."""
+        ...
+
     def lookup(self, map_name: str, key: str) -> Coroutine[Any, Any, Outcome]:
         """Look ``key`` up in ``map_name``. Never raises: failures are :class:`TempFail` / :class:`PermFail`."""
         ...

@@ -65,9 +65,13 @@ class SocketmapSession(RequestReplySession):
         if not sep or not name or not key:
             return BAD_REQUEST_REPLY
         try:
-            return self._service.lookup(name.decode("ascii"), key.decode("utf-8"))
+            map_name, text = name.decode("ascii"), key.decode("utf-8")
         except UnicodeDecodeError:
             return encode_netstring(b"PERM request is not UTF-8")
+        hit = self._service.cached(map_name, text)
+        if hit is not None:
+            return encode_reply(hit)
+        return self._service.lookup(map_name, text)
 
     def encode(self, outcome: Outcome) -> bytes:
         return encode_reply(outcome)

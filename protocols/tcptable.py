@@ -120,6 +120,9 @@ class TcpTableSession(RequestReplySession):
             key = parse_request(request)
         except BadRequest as exc:
             return f"500 {quote(str(exc))}\n".encode("ascii")
+        hit = self._service.cached(self._map, key)
+        if hit is not None:
+            return encode_reply(hit)
         return self._service.lookup(self._map, key)
 
     def encode(self, outcome: Outcome) -> bytes:

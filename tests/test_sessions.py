@@ -25,6 +25,9 @@ class ScriptedService:
         self.release = asyncio.Event()
         self.calls: list[tuple[str, str]] = []
 
+    def cached(self, map_name: str, key: str) -> Outcome | None:
+        return Found(f"cached:{key}") if key.startswith("hit") else None
+
     async def lookup(self, map_name: str, key: str) -> Outcome:
         self.calls.append((map_name, key))
         if key.startswith("slow"):
