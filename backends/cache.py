@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -147,6 +147,9 @@ class CachedDirectory(Directory):
 
     async def expn(self, address: str) -> tuple[str, ...]:
         return await self._get("expn", address, self.inner.expn)
+
+    def individuals(self) -> AsyncIterator[str]:
+        return self.inner.individuals()
 
     async def close(self) -> None:
         await self.inner.close()

@@ -11,6 +11,7 @@ or an empty tuple, and is only ever returned when the backend really answered so
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator
 
 from .model import Principal, Recipient
 
@@ -45,6 +46,10 @@ class Directory(abc.ABC):
     @abc.abstractmethod
     async def expn(self, address: str) -> tuple[str, ...]:
         """Addresses that the list or group ``address`` expands to (SMTP EXPN)."""
+
+    @abc.abstractmethod
+    def individuals(self) -> AsyncIterator[str]:
+        """Login names of every individual, for Dovecot's user listing (LIST, dict iteration). Not cached."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most directories hold nothing
         """Release connections and files."""

@@ -18,6 +18,7 @@ quota = "5G"
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -143,6 +144,11 @@ class MemoryDirectory(Directory):
             elif owner.type is PrincipalType.GROUP:
                 logins.extend(self._group_members.get(name, ()))
         return tuple(dict.fromkeys(n for n in logins if self._by_name[n].enabled))
+
+    async def individuals(self) -> AsyncIterator[str]:
+        for principal in list(self._by_name.values()):
+            if principal.type is PrincipalType.INDIVIDUAL:
+                yield principal.name
 
     async def vrfy(self, address: str) -> tuple[str, ...]:
         found = await self.recipient(address)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
 import sys
 from collections.abc import Sequence
 from typing import assert_never
 
-from mailroster.backends.outcome import Found, NotFound, PermFail, TempFail
+from mailroster.backends import secrets
+from mailroster.backends.outcome import AuthStatus, Found, NotFound, PermFail, TempFail
 
+from .accounts import AccountService
 from .config import MAP_NAMES, Config, ConfigError, load_config
 from .directories import build_directories, build_directory
 from .lookups import LookupService
@@ -63,7 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
     _directory_option(lookup)
     lookup.add_argument("map", choices=MAP_NAMES, metavar="MAP", help=f"one of: {', '.join(MAP_NAMES)}")
     lookup.add_argument("key")
+
+    auth = sub.add_parser("auth", help="check a password (read from stdin) as Dovecot's auth would")
+    _config_option(auth)
+    _directory_option(auth)
+    auth.add_argument("user")
+    auth.add_argument("--service", default="mailroster", help="service name passed to the check (default: %(default)s)")
+
+    hash_password = sub.add_parser("hash-password", help="hash a password read from stdin")
+    hash_password.add_argument(
+        "--scheme", default="ARGON2ID", type=str.upper, help="Dovecot scheme name (default: %(default)s)"
+    )
     return parser
+
+
+def read_password() -> str:
+    """A password from stdin, less one trailing newline (as ``echo secret |`` adds)."""
+    text = sys.stdin.readline() if not sys.stdin.isatty() else getpass.getpass("Password: ")
+    return text[:-1] if text.endswith("\n") else text
 
 
 def _load(paths: Sequence[str]) -> Config | None:
@@ -170,7 +190,59 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-COMMANDS = {"serve": cmd_serve, "check-config": cmd_check_config, "lookup": cmd_lookup}
+def cmd_auth(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EX_CONFIG
+    name = args.directory or config.storage.directory
+    if name not in config.directory:
+        print(f"no directory named {name!r}", file=sys.stderr)
+        return EX_USAGE
+    password = read_password()
+
+    async def run() -> int:
+        directory = build_directory(config.directory[name], cached=False)
+        try:
+            accounts = AccountService(directory, LookupService(directory, config.lookup), config.auth, config.userdb)
+            outcome = await accounts.authenticate(args.user, password, service=args.service)
+        finally:
+            await directory.close()
+        match outcome.status:
+            case AuthStatus.OK:
+                print(f"authenticated as {outcome.user}")
+                return EX_OK
+            case AuthStatus.FAILED | AuthStatus.DISABLED:
+                print("authentication failed", file=sys.stderr)
+                return EX_NOTFOUND
+            case AuthStatus.TEMPFAIL:
+                print(f"temporary failure: {outcome.reason}", file=sys.stderr)
+                return EX_TEMPFAIL
+            case _:
+                assert_never(outcome.status)
+
+    return asyncio.run(run())
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    password = read_password()
+    if not password:
+        print("refusing to hash an empty password", file=sys.stderr)
+        return EX_USAGE
+    try:
+        print(secrets.hash_password(password, args.scheme))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EX_USAGE
+    return EX_OK
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "check-config": cmd_check_config,
+    "lookup": cmd_lookup,
+    "auth": cmd_auth,
+    "hash-password": cmd_hash_password,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

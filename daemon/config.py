@@ -43,6 +43,8 @@ ListenerProtocol = Literal["socketmap", "tcp-table", "policy", "dovecot-auth", "
 MapName = Literal["domain", "mailbox", "alias", "sender", "recipient", "quota"]
 MAP_NAMES: tuple[str, ...] = get_args(MapName)
 MAILBOX_PATH_PLACEHOLDERS = ("name", "local", "domain")
+USERDB_PLACEHOLDERS = ("name", "local", "domain", "user")
+Mechanism = Literal["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"]
 
 Bind = tuple[Literal["unix"], str] | tuple[Literal["tcp"], str, int] | tuple[Literal["fd"], str]
 
@@ -214,6 +216,64 @@ class LookupConfig:
     catch_all: bool = True
 
 
+def _check_userdb_template(template: str) -> None:
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"not a valid template: {exc}") from None
+    unknown = names - set(USERDB_PLACEHOLDERS)
+    if unknown:
+        allowed = ", ".join("{" + p + "}" for p in USERDB_PLACEHOLDERS)
+        raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}}; allowed: {allowed}")
+
+
+def _check_userdb_extra(extra: dict[str, str]) -> None:
+    for key, template in extra.items():
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_/+.-]*", key):
+            raise ValueError(f"{key!r} is not a Dovecot field name")
+        _check_userdb_template(template)
+
+
+def _check_failure_delay(delay: float) -> None:
+    # Postfix gives its Dovecot SASL exchange 10 s in all (AUTH_TIMEOUT): a longer delay turns 535 into a timeout.
+    if delay > 5:
+        raise ValueError("must be at most 5s: Postfix times out an authentication after 10s")
+
+
+@dataclass(frozen=True, slots=True)
+class MasterUserConfig:
+    """A master user: ``login*master`` (or SASL PLAIN authzid) with the master's password logs in as ``login``."""
+
+    user: str
+    secret: Secret
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """``[auth]``: how the Dovecot auth protocols authenticate."""
+
+    mechanisms: list[Mechanism] = field(default_factory=lambda: ["PLAIN", "LOGIN"])
+    failure_delay: Duration = field(default=Duration(2), metadata={"check": _check_failure_delay})
+    login_by_email: bool = True
+    tempfail: Literal["reply", "close"] = "reply"
+    request_timeout: Duration = Duration(150)
+    master: MasterUserConfig | None = None
+    master_separator: str = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class UserdbConfig:
+    """``[userdb]``: templates of the userdb fields; empty ones are left out of replies. ``quota-rule`` empty means
+    ``*:bytes=<quota>`` from the principal's quota (nothing when it has none)."""
+
+    uid: str = field(default="", metadata={"check": _check_userdb_template})
+    gid: str = field(default="", metadata={"check": _check_userdb_template})
+    home: str = field(default="", metadata={"check": _check_userdb_template})
+    mail: str = field(default="", metadata={"check": _check_userdb_template})
+    quota_rule: str = field(default="", metadata={"check": _check_userdb_template})
+    extra: dict[str, str] = field(default_factory=dict, metadata={"check": _check_userdb_extra})
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration. ``directory`` and ``store`` hold instances of the classes their ``type`` names."""
@@ -221,6 +281,8 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     lookup: LookupConfig = field(default_factory=LookupConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    userdb: UserdbConfig = field(default_factory=UserdbConfig)
     directory: dict[str, Any] = field(
         default_factory=dict, metadata={"registry": _Registry("directory", DIRECTORY_TYPES)}
     )

@@ -5,10 +5,10 @@ The daemon's ``LookupService`` implements :class:`MapService`; sessions never se
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any, Protocol
 
-from mailroster.backends.outcome import Outcome
+from mailroster.backends.outcome import AuthOutcome, Outcome, ScramCredentials, UserOutcome
 
 
 class MapService(Protocol):
@@ -21,6 +21,60 @@ class MapService(Protocol):
     def lookup(self, map_name: str, key: str) -> Coroutine[Any, Any, Outcome]:
         """Look ``key`` up in ``map_name``. Never raises: failures are :class:`TempFail` / :class:`PermFail`."""
         ...
+
+
+class AuthService(Protocol):
+    """Authenticates logins for the Dovecot auth-client protocol (SASL).
+
+    Every method answers an outcome and never raises; a backend fault is ``AuthStatus.TEMPFAIL``. Unknown user and
+    wrong password are the same ``FAILED``. The session, not the service, applies the failure delay.
+    """
+
+    def mechanisms(self) -> Sequence[str]:
+        """SASL mechanisms to offer, upper-case, e.g. ``("PLAIN", "LOGIN")``; CRAM-MD5 and SCRAM-* only when the
+        stored secrets allow them (configured)."""
+        ...
+
+    async def authenticate(self, login: str, password: str, *, service: str, authzid: str = "") -> AuthOutcome:
+        """Check a plaintext password (PLAIN, LOGIN). A non-empty ``authzid`` different from ``login`` is a master
+        user login: ``login`` is the master, ``authzid`` the user to log in as."""
+        ...
+
+    async def cram_md5(self, login: str, challenge: bytes, digest: bytes, *, service: str) -> AuthOutcome:
+        """Check a CRAM-MD5 response: ``digest`` is the client's HMAC-MD5 of ``challenge`` (raw 16 bytes)."""
+        ...
+
+    async def scram_credentials(
+        self, login: str, algorithm: str, *, service: str
+    ) -> tuple[AuthOutcome, ScramCredentials | None]:
+        """The stored SCRAM keys of ``login`` for ``algorithm`` (``"SHA-1"`` or ``"SHA-256"``).
+
+        Credentials come with status OK (or DISABLED: report it only once the proof checked out). FAILED comes with
+        no credentials; the session must still run the exchange with made-up ones, so that it does not tell
+        whether the user exists.
+        """
+        ...
+
+
+class UserService(Protocol):
+    """Serves Dovecot userdb and passdb lookups (auth-master protocol, dict proxy)."""
+
+    async def userdb(self, login: str, *, service: str = "") -> UserOutcome:
+        """The user's canonical name and userdb fields (uid, gid, home, mail, quota_rule, ...)."""
+        ...
+
+    async def passdb(self, login: str, *, with_password: bool, service: str = "") -> UserOutcome:
+        """The user's passdb fields; with ``with_password``, a ``password`` field holding the stored
+        ``{SCHEME}hash`` (for Dovecot's dict passdb, which verifies it itself)."""
+        ...
+
+    def users(self) -> AsyncIterator[str]:
+        """Every login that can log in (individuals), for LIST and dict iteration. Raises TemporaryFailure."""
+        ...
+
+
+class DictService(MapService, UserService, Protocol):
+    """What a Dovecot dict proxy name (a directory) answers: user and passdb records, and the lookup maps."""
 
 
 class Connection(Protocol):

@@ -168,6 +168,15 @@ class DirectoryContract:
         old = run(directory.principal("olduser"))
         assert old is None or not old.enabled
 
+    def test_individuals_lists_every_login_and_no_group_or_list(self, directory: Directory, run: Run) -> None:
+        async def names() -> list[str]:
+            return [name async for name in directory.individuals()]
+
+        listed = set(run(names()))
+        assert {"jane", "john.doe", "bill", "postmaster"} <= listed
+        assert not listed & {"sales", "announce"}
+        assert listed <= {"jane", "john.doe", "bill", "postmaster", "olduser"}
+
     @pytest.mark.parametrize("name", ["jane", "john.doe", "bill"])
     def test_secrets_not_in_repr(self, directory: Directory, run: Run, name: str) -> None:
         principal = run(directory.principal(name))

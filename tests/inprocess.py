@@ -87,6 +87,10 @@ class FailingDirectory(Directory):
     async def vrfy(self, address):  # type: ignore[no-untyped-def]
         return await self._check().vrfy(address)
 
+    async def individuals(self):  # type: ignore[no-untyped-def]
+        async for name in self._check().individuals():
+            yield name
+
     async def expn(self, address):  # type: ignore[no-untyped-def]
         return await self._check().expn(address)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import pytest
@@ -87,6 +87,11 @@ class FakeDirectory(Directory):
 
     async def expn(self, address: str) -> tuple[str, ...]:
         return await self._answer("expn", address)  # type: ignore[no-any-return]
+
+    async def individuals(self) -> AsyncIterator[str]:
+        self.calls["individuals"] += 1
+        for name in ("alice", "bob"):
+            yield name
 
     async def close(self) -> None:
         self.closed = True
@@ -496,3 +501,15 @@ def test_negative_hit_completes_without_suspending(method: str) -> None:
         coro.send(None)
     assert finished.value.value == METHODS[method][1]
     assert inner.calls[method] == 1
+
+
+def test_individuals_are_listed_by_the_backend_every_time() -> None:
+    """Listing is never cached: Dovecot's LIST must see accounts created a second ago."""
+    cache, inner, _ = make_cache()
+
+    async def names() -> list[str]:
+        return [name async for name in cache.individuals()]
+
+    assert run(names()) == ["alice", "bob"]
+    assert run(names()) == ["alice", "bob"]
+    assert inner.calls["individuals"] == 2

@@ -429,7 +429,7 @@ def test_unknown_keys_with_and_without_a_hint(tmp_path: Path) -> None:
         run_dir = "/run"
         max-conections = 10
         colour = "blue"
-        [userdb]
+        [userdbs]
         uid = "5000"
         [[directory.default.principals]]
         name = "jane"
@@ -438,7 +438,7 @@ def test_unknown_keys_with_and_without_a_hint(tmp_path: Path) -> None:
     )
     assert errors_of(path) == [
         f"{path}: sources: unknown key",
-        f"{path}: userdb: unknown key",
+        f'{path}: userdbs: unknown key (did you mean "userdb"?)',
         f'{path}: server.run_dir: unknown key (did you mean "run-dir"?)',
         f'{path}: server.max-conections: unknown key (did you mean "max-connections"?)',
         f"{path}: server.colour: unknown key",
