@@ -47,7 +47,9 @@ def short_tmp() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def wait_for_socket(address: str | tuple[str, int], deadline: float, proc: subprocess.Popen[bytes]) -> None:
+def wait_for_socket(
+    address: str | tuple[str, int], deadline: float, proc: subprocess.Popen[bytes] | None
+) -> None:
     while True:
         family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -56,7 +58,7 @@ def wait_for_socket(address: str | tuple[str, int], deadline: float, proc: subpr
                 return
             except OSError:
                 pass
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
             raise RuntimeError(f"daemon did not start listening on {address}")
         time.sleep(0.02)
 
