@@ -21,18 +21,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailroster.backends.directory import Directory
+from mailroster.protocols.dovecot_auth import DovecotAuthSession
+from mailroster.protocols.dovecot_dict import DovecotDictSession
+from mailroster.protocols.dovecot_master import DovecotMasterSession
 from mailroster.protocols.service import Connection
 from mailroster.protocols.socketmap import SocketmapSession
 from mailroster.protocols.tcptable import TcpTableSession
 
 from . import systemd
-from .config import Config, ListenerConfig, parse_bind, resolve_path
+from .accounts import AccountService
+from .config import AuthConfig, Config, ListenerConfig, parse_bind, resolve_path
 from .lookups import LookupService
 
 log = logging.getLogger(__name__)
 
-#: Protocols this version serves; the others are accepted by the configuration schema for later versions.
-AVAILABLE_PROTOCOLS = ("socketmap", "tcp-table")
+#: Protocols this version serves; the others (policy) are accepted by the configuration schema for later versions.
+AVAILABLE_PROTOCOLS = ("socketmap", "tcp-table", "dovecot-auth", "dovecot-master", "dovecot-dict")
 LISTEN_BACKLOG = 1024
 SWEEP_INTERVAL = 1.0
 
@@ -118,13 +122,32 @@ class ListenerObserver:
 
 
 def _protocol_factory(
-    listener: ListenerConfig, service: LookupService, observer: ListenerObserver
+    listener: ListenerConfig,
+    *,
+    directory: str,
+    services: dict[str, LookupService],
+    accounts: dict[str, AccountService],
+    auth: AuthConfig,
+    observer: ListenerObserver,
 ) -> Callable[[], asyncio.Protocol]:
-    if listener.protocol == "socketmap":
-        return lambda: SocketmapSession(service, observer)
-    if listener.protocol == "tcp-table":
-        map_name = listener.map or "mailbox"
-        return lambda: TcpTableSession(service, map_name, observer)
+    """The factory of one listener's sessions: one protocol class serves every listener of its protocol."""
+    service, account = services[directory], accounts[directory]
+    match listener.protocol:
+        case "socketmap":
+            return lambda: SocketmapSession(service, observer)
+        case "tcp-table":
+            map_name = listener.map or "mailbox"
+            return lambda: TcpTableSession(service, map_name, observer)
+        case "dovecot-auth":
+            delay, close, timeout = float(auth.failure_delay), auth.tempfail == "close", float(auth.request_timeout)
+            return lambda: DovecotAuthSession(
+                account, observer, failure_delay=delay, tempfail_close=close, request_timeout=timeout
+            )
+        case "dovecot-master":
+            return lambda: DovecotMasterSession(account, observer)
+        case "dovecot-dict":
+            # The dict name Dovecot sends in HELLO picks the directory: proxy:<socket>:<directory id>.
+            return lambda: DovecotDictSession(accounts, observer)
     raise StartupError(f"protocol {listener.protocol!r} is not available in this version")
 
 
@@ -189,6 +212,9 @@ class Daemon:
         self.directories = directories
         self.state = ServerState(config.server.max_connections)
         self.services = {name: LookupService(d, config.lookup) for name, d in directories.items()}
+        self.accounts = {
+            name: AccountService(d, self.services[name], config.auth, config.userdb) for name, d in directories.items()
+        }
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[tuple[str, int]] = []  # (path, inode) to remove on stop, if still ours
         self._stop = asyncio.Event()
@@ -204,7 +230,14 @@ class Daemon:
             for name, listener in server_cfg.listener.items():
                 directory = listener.directory or self.config.storage.directory
                 idle = float(listener.idle_timeout if listener.idle_timeout is not None else server_cfg.idle_timeout)
-                factory = _protocol_factory(listener, self.services[directory], self.state.observer(idle))
+                factory = _protocol_factory(
+                    listener,
+                    directory=directory,
+                    services=self.services,
+                    accounts=self.accounts,
+                    auth=self.config.auth,
+                    observer=self.state.observer(idle),
+                )
                 server = await self._bind(name, listener, factory, inherited)
                 self._servers.append(server)
                 log.info("listening listener=%s protocol=%s bind=%s", name, listener.protocol, listener.bind)

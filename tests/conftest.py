@@ -47,9 +47,7 @@ def short_tmp() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def wait_for_socket(
-    address: str | tuple[str, int], deadline: float, proc: subprocess.Popen[bytes] | None
-) -> None:
+def wait_for_socket(address: str | tuple[str, int], deadline: float, proc: subprocess.Popen[bytes] | None) -> None:
     while True:
         family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as sock:

@@ -6,6 +6,7 @@ stopped by its own pid; nothing touches /etc/postfix, /etc/dovecot or the system
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -59,9 +60,7 @@ class PrivatePostfix:
             f"maillog_file = {self.log_path}\nmaillog_file_prefixes = /tmp, /var\n"
             f"smtpd_relay_restrictions = permit_sasl_authenticated, reject\n" + main_cf
         )
-        (self.config_dir / "master.cf").write_text(
-            f"127.0.0.1:{self.port} inet n - n - - smtpd\n" + POSTFIX_SERVICES
-        )
+        (self.config_dir / "master.cf").write_text(f"127.0.0.1:{self.port} inet n - n - - smtpd\n" + POSTFIX_SERVICES)
 
     def start(self) -> PrivatePostfix:
         subprocess.run(["postfix", "-c", str(self.config_dir), "start"], check=True, capture_output=True, timeout=60)
@@ -81,10 +80,8 @@ class PrivatePostfix:
         subprocess.run(["postfix", "-c", str(self.config_dir), "stop"], capture_output=True, timeout=60)
         pid_file = self.queue_dir / "pid" / "master.pid"
         if pid_file.exists():
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
 
 
 class PrivateDovecot:
@@ -118,9 +115,7 @@ class PrivateDovecot:
         return self
 
     def doveadm(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["doveadm", "-c", str(self.config), *args], capture_output=True, text=True, timeout=30
-        )
+        return subprocess.run(["doveadm", "-c", str(self.config), *args], capture_output=True, text=True, timeout=30)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

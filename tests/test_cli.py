@@ -81,7 +81,7 @@ def test_configuration_errors_stop_every_command_with_all_errors_listed(tmp_path
 
 def test_protocols_of_later_versions_are_refused_by_check_config(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text(DATA.read_text() + '[server.listener.auth]\nprotocol = "dovecot-auth"\nbind = "unix:/tmp/x/auth"\n')
+    path.write_text(DATA.read_text() + '[server.listener.policy]\nprotocol = "policy"\nbind = "127.0.0.1:10040"\n')
     result = mailroster("check-config", "-c", str(path))
     assert result.returncode == 78
-    assert "server.listener.auth.protocol: 'dovecot-auth' is not available in this version" in result.stderr
+    assert "server.listener.policy.protocol: 'policy' is not available in this version" in result.stderr
