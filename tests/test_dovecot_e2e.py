@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from mailroster.backends import secrets
+
 from conftest import RunningDaemon, require_tool
 from inprocess import FailingDirectory, ThreadedDaemon
 from servers import PrivateDovecot, PrivatePostfix
-
-from mailroster.backends import secrets
 
 SCHEMES = [
     "ARGON2I", "ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "MD5-CRYPT", "CRYPT", "DES-CRYPT",
