@@ -37,7 +37,11 @@ CHECKOUT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf.d"
 DIRECTORY_TYPES: dict[str, str] = {
     "memory": "mailroster.backends.memory:MemoryDirectoryConfig",
 }
-STORE_TYPES: dict[str, str] = {}
+STORE_TYPES: dict[str, str] = {
+    "sqlite": "mailroster.backends.store:SqliteStoreConfig",
+    "postgresql": "mailroster.backends.store:PostgresStoreConfig",
+    "mysql": "mailroster.backends.store:MysqlStoreConfig",
+}
 
 ListenerProtocol = Literal["socketmap", "tcp-table", "policy", "dovecot-auth", "dovecot-master", "dovecot-dict"]
 MapName = Literal["domain", "mailbox", "alias", "sender", "recipient", "quota"]

@@ -583,6 +583,10 @@ def test_directory_and_store_types(tmp_path: Path) -> None:
         [directory.flat]
         [store.sqlite]
         type = "sqlite"
+        [store.cassandra]
+        type = "cassandra"
+        [store.pg]
+        type = "postgresql"
         [store.bare]
         path = "x"
         """,
@@ -594,7 +598,8 @@ def test_directory_and_store_types(tmp_path: Path) -> None:
         f"{path}: directory.numbered.type: expected string, got integer",
         f"{path}: directory.flat.type: missing required key",
         f"{scalar}: directory.scalar: expected table, got string",
-        f"{path}: store.sqlite.type: unknown store type; none is available yet",
+        f"{path}: store.cassandra.type: must be one of: mysql, postgresql, sqlite",
+        f"{path}: store.pg.database: missing required key",
         f"{path}: store.bare.type: missing required key",
     ]
 
