@@ -36,6 +36,7 @@ CHECKOUT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf.d"
 # module (and its client library) that no table asks for.
 DIRECTORY_TYPES: dict[str, str] = {
     "memory": "mailroster.backends.memory:MemoryDirectoryConfig",
+    "sql": "mailroster.backends.sql:SqlDirectoryConfig",
 }
 STORE_TYPES: dict[str, str] = {
     "sqlite": "mailroster.backends.store:SqliteStoreConfig",
@@ -525,7 +526,11 @@ class _Converter:
             values[f.name] = converted
         if len(self.errors) > errors_before:
             return _Partial(cls, values)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as exc:  # a __post_init__ check across several keys of the table
+            self.report(path, str(exc))
+            return _Partial(cls, values)
 
     def _registered(self, registry: _Registry, value: object, path: _KeyPath) -> Any:
         """A table of ``<id> = { type = "...", ... }`` tables, each converted to the class its type names."""

@@ -28,6 +28,8 @@ from mailroster.daemon.config import (
     resolve_path,
 )
 
+DIRECTORY_CHOICES = ", ".join(sorted(DIRECTORY_TYPES))
+
 DATA = Path(__file__).parent / "data" / "config"
 
 # The smallest valid configuration: storage.directory defaults to "default", which must exist.
@@ -573,8 +575,8 @@ def test_directory_and_store_types(tmp_path: Path) -> None:
         "c.toml",
         BASE
         + """
-        [directory.ldap]
-        type = "ldap"
+        [directory.nis]
+        type = "nis"
         url = "ldap://localhost"
         [directory.untyped]
         domains = ["example.org"]
@@ -593,7 +595,7 @@ def test_directory_and_store_types(tmp_path: Path) -> None:
     )
     scalar = write(tmp_path, "scalar.toml", '[directory]\nscalar = "memory"\n')
     assert errors_of(path, scalar) == [
-        f"{path}: directory.ldap.type: must be one of: memory",
+        f"{path}: directory.nis.type: must be one of: {DIRECTORY_CHOICES}",
         f"{path}: directory.untyped.type: missing required key",
         f"{path}: directory.numbered.type: expected string, got integer",
         f"{path}: directory.flat.type: missing required key",
@@ -648,7 +650,7 @@ def test_errors_of_every_kind_and_file_come_in_one_config_error(tmp_path: Path) 
         f"{first}: server.max-connections: expected integer, got string",
         f"{second}: server.listener.sm.protocol: missing required key",
         f'{second}: lookup.separator: must not contain "@"',
-        f"{first}: directory.default.type: must be one of: memory",
+        f"{first}: directory.default.type: must be one of: {DIRECTORY_CHOICES}",
         f'{second}: storage.directory: no directory "sql"; defined: default',
         f"{first}: server.listener.tcp.map: a tcp-table listener needs a map, one of: {', '.join(MAP_NAMES)}",
     ]
@@ -679,7 +681,7 @@ def test_storage_directory_must_exist(tmp_path: Path) -> None:
 
 def test_a_directory_with_errors_still_counts_as_defined(tmp_path: Path) -> None:
     path = write(tmp_path, "c.toml", '[directory.default]\ntype = "ldap"\n')
-    assert one_error(path) == f"{path}: directory.default.type: must be one of: memory"
+    assert one_error(path) == f"{path}: directory.default.type: must be one of: {DIRECTORY_CHOICES}"
 
 
 def test_a_listener_directory_must_exist(tmp_path: Path) -> None:
