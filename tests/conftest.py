@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["dbservers"]  # private PostgreSQL and MariaDB fixtures
+
 MAILROSTER = str(Path(sys.executable).parent / "mailroster")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

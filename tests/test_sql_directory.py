@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqldata import load_contract_data
 
 from mailroster.backends.sql import SqlDirectory, SqlDirectoryConfig
 from mailroster.backends.store import SqliteStoreConfig, Store
@@ -16,6 +15,7 @@ from mailroster.backends.store_sqlite import SqliteStore
 from mailroster.daemon.config import ConfigError, load_config
 
 from contract import DirectoryContract
+from sqldata import load_contract_data
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "conf.d" / "examples" / "sql-stalwart.toml"
 
