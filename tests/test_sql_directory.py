@@ -11,18 +11,22 @@ import pytest
 
 from mailroster.backends.sql import SqlDirectory, SqlDirectoryConfig
 from mailroster.backends.store import SqliteStoreConfig, Store
+from mailroster.backends.store_mysql import MysqlStore
+from mailroster.backends.store_postgresql import PostgresStore
 from mailroster.backends.store_sqlite import SqliteStore
 from mailroster.daemon.config import ConfigError, load_config
 
-from contract import DirectoryContract
+from contract import DirectoryContract, Run
 from sqldata import load_contract_data
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "conf.d" / "examples" / "sql-stalwart.toml"
+EXAMPLES = Path(__file__).resolve().parent.parent / "conf.d" / "examples"
+EXAMPLE = EXAMPLES / "sql-stalwart.toml"
+EXAMPLE_MYSQL = EXAMPLES / "sql-stalwart-mysql.toml"
 
 
-def example_config(tmp_path: Path) -> SqlDirectoryConfig:
-    """The shipped example, loaded by the real config loader, with its store swapped for a local one."""
-    config = load_config([EXAMPLE])
+def example_config(tmp_path: Path, example: Path = EXAMPLE) -> SqlDirectoryConfig:
+    """The shipped example, loaded by the real config loader; the test supplies the store."""
+    config = load_config([example])
     directory = config.directory["stalwart"]
     assert isinstance(directory, SqlDirectoryConfig)
     return directory
@@ -32,22 +36,45 @@ def sqlite_store(tmp_path: Path) -> Store:
     return SqliteStore.from_config(SqliteStoreConfig(type="sqlite", path="stalwart.sqlite3"), str(tmp_path))
 
 
-class TestSqlDirectoryOnSqlite(DirectoryContract):
+class TestSqlDirectory(DirectoryContract):
+    """The contract on SQLite, PostgreSQL and MariaDB, each with its dialect's example configuration."""
+
     @pytest.fixture
-    def directory(self, tmp_path: Path) -> Iterator[SqlDirectory]:
+    def runner(self) -> Iterator[asyncio.Runner]:
+        # One event loop for the whole test: a pooled connection belongs to the loop that opened it.
+        with asyncio.Runner() as runner:
+            yield runner
+
+    @pytest.fixture
+    def run(self, runner: asyncio.Runner) -> Run:
+        return runner.run
+
+    @pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+    def directory(
+        self, request: pytest.FixtureRequest, tmp_path: Path, runner: asyncio.Runner
+    ) -> Iterator[SqlDirectory]:
+        example = EXAMPLE
+        if request.param == "sqlite":
+            store: Store = sqlite_store(tmp_path)
+        elif request.param == "postgresql":
+            store = PostgresStore(request.getfixturevalue("postgres_db").store_config())
+        else:
+            store = MysqlStore(request.getfixturevalue("mariadb_db").store_config())
+            example = EXAMPLE_MYSQL
+
         async def setup() -> SqlDirectory:
-            store = sqlite_store(tmp_path)
             await load_contract_data(store)
-            return SqlDirectory(store, example_config(tmp_path))
+            return SqlDirectory(store, example_config(tmp_path, example))
 
-        directory = asyncio.run(setup())
+        directory = runner.run(setup())
         yield directory
-        asyncio.run(directory.store.close())
+        runner.run(store.close())
 
 
-def test_example_parses_and_its_store_is_postgresql() -> None:
-    config = load_config([EXAMPLE])
-    assert config.store["stalwart"].type == "postgresql"
+@pytest.mark.parametrize(("example", "store_type"), [(EXAMPLE, "postgresql"), (EXAMPLE_MYSQL, "mysql")])
+def test_examples_parse(example: Path, store_type: str) -> None:
+    config = load_config([example])
+    assert config.store["stalwart"].type == store_type
     assert config.directory["stalwart"].query.name.startswith("SELECT name, type")
 
 
