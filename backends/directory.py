@@ -51,5 +51,18 @@ class Directory(abc.ABC):
     def individuals(self) -> AsyncIterator[str]:
         """Login names of every individual, for Dovecot's user listing (LIST, dict iteration). Not cached."""
 
+    @property
+    def verifies_passwords(self) -> bool:
+        """Whether the backend checks passwords itself (an LDAP bind, a remote IMAP login) instead of handing out
+        stored hashes for the caller to verify."""
+        return False
+
+    async def verify_password(self, login: str, password: str, *, by_email: bool = True) -> Principal | None:
+        """The individual whose credentials these are, or ``None``; only when :attr:`verifies_passwords`.
+
+        Raises TemporaryFailure when the backend cannot tell now. An empty password never verifies.
+        """
+        raise NotImplementedError
+
     async def close(self) -> None:  # noqa: B027 - optional hook, most directories hold nothing
         """Release connections and files."""

@@ -91,14 +91,21 @@ class AccountService:
             name = self._cache.peek(_AUTH_CACHE, key)
             if name is not MISS:
                 return AuthOutcome(AuthStatus.OK, user=name)
-        principal = await self.find(login)
-        if principal is None or not principal.secrets:
-            return FAILED
-        for secret in principal.secrets:
-            if await secrets.verify(secret, password):
-                break
+        backend = self._cache.inner if self._cache is not None else self.directory
+        if backend.verifies_passwords:
+            # The server checks the password (an LDAP bind): its hashes may not even be readable.
+            principal = await backend.verify_password(login, password, by_email=self._auth.login_by_email)
+            if principal is None:
+                return FAILED
         else:
-            return FAILED
+            principal = await self.find(login)
+            if principal is None or not principal.secrets:
+                return FAILED
+            for secret in principal.secrets:
+                if await secrets.verify(secret, password):
+                    break
+            else:
+                return FAILED
         if not principal.enabled:
             return AuthOutcome(AuthStatus.DISABLED, user=principal.name)
         if self._cache is not None:
