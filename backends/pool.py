@@ -95,7 +95,12 @@ class ConnectionPool(Generic[C]):
     async def _take(self) -> C:
         while self._idle:
             conn = self._idle.pop()
-            if self._check is None or await self._healthy(conn):
+            try:
+                healthy = self._check is None or await self._healthy(conn)
+            except BaseException:  # cancelled during the check: the connection is neither idle nor ours
+                await asyncio.shield(self._discard(conn))
+                raise
+            if healthy:
                 return conn
             await self._discard(conn)
         try:
