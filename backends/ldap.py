@@ -47,6 +47,7 @@ from .ldap_config import BindAuthenticator, LdapDirectoryConfig, Template
 from .ldap_query import LdapQueries
 from .model import Principal, PrincipalType, Recipient
 from .pool import ConnectionPool
+from .tasks import ensure_task
 
 __all__ = ["BindAuthenticator", "LdapDirectory", "LdapDirectoryConfig"]
 
@@ -192,6 +193,7 @@ class LdapDirectory(Directory):
     async def _query(self, op: Callable[[Reader], T], *, deadline: bool = True) -> T:
         """``op`` over a pooled connection, in a thread, within ``timeout`` (the whole of it, pool waits included)."""
         base_dn = self.config.base_dn
+        await ensure_task()
         with self._deadline_failure():
             async with asyncio.timeout(self._timeout if deadline else None), self._pool.connection() as connection:
                 return await self._run(self._use, connection, lambda c: op(Reader(c.conn, base_dn)))
@@ -239,6 +241,7 @@ class LdapDirectory(Directory):
         return await self.authenticate_bind(login, password, by_email=by_email)
 
     async def authenticate_bind(self, login: str, password: str, *, by_email: bool = True) -> Principal | None:
+        await ensure_task()
         """The individual ``login`` names if the server accepts ``password`` for it, else None.
 
         ``template``: bind as the DN ``bind.auth.template`` makes of ``login``, then read that entry (over the

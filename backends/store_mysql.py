@@ -29,6 +29,7 @@ from pymysql.constants import CLIENT  # type: ignore[import-untyped]
 
 from .errors import DirectoryError, PermanentFailure, TemporaryFailure
 from .store import ConstraintViolation, Executor, MysqlStoreConfig, Rows, Store, TlsConfig, translate
+from .tasks import ensure_task
 
 log = logging.getLogger(__name__)
 
@@ -264,15 +265,18 @@ class MysqlStore(Store):
             self._discard_pool(state, session.pool, exc)
 
     async def query(self, sql: str, *params: object) -> Rows:
+        await ensure_task()
         async with self._session() as session:
             return await session.query(sql, *params)
 
     async def execute(self, sql: str, *params: object) -> int:
+        await ensure_task()
         async with self._session() as session:
             return await session.execute(sql, *params)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:
+        await ensure_task()
         async with self._session() as session:
             await session.begin()
             try:

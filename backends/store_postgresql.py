@@ -24,6 +24,7 @@ import asyncpg  # type: ignore[import-untyped]
 
 from .errors import DirectoryError, PermanentFailure, TemporaryFailure
 from .store import ConstraintViolation, Executor, PostgresStoreConfig, Rows, Store, TlsConfig, translate
+from .tasks import ensure_task
 
 log = logging.getLogger(__name__)
 
@@ -293,15 +294,18 @@ class PostgresStore(Store):
             log.debug("%s: releasing a connection failed: %s", self.name, type(exc).__name__)
 
     async def query(self, sql: str, *params: object) -> Rows:
+        await ensure_task()
         async with self._session() as session:
             return await session.query(sql, *params)
 
     async def execute(self, sql: str, *params: object) -> int:
+        await ensure_task()
         async with self._session() as session:
             return await session.execute(sql, *params)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:
+        await ensure_task()
         async with self._session() as session:
             await session.begin()
             try:

@@ -18,6 +18,7 @@ import aiosqlite
 from .errors import PermanentFailure, TemporaryFailure
 from .pool import ConnectionPool
 from .store import ConstraintViolation, Executor, Rows, SqliteStoreConfig, Store, translate
+from .tasks import ensure_task
 
 
 def _fault(exc: sqlite3.Error) -> Exception:
@@ -98,15 +99,18 @@ class SqliteStore(Store):
         await conn.conn.close()
 
     async def query(self, sql: str, *params: object) -> Rows:
+        await ensure_task()
         async with self._pool.connection() as conn:
             return await conn.query(sql, *params)
 
     async def execute(self, sql: str, *params: object) -> int:
+        await ensure_task()
         async with self._pool.connection() as conn:
             return await conn.execute(sql, *params)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:
+        await ensure_task()
         async with self._pool.connection() as conn:
             # IMMEDIATE takes the write lock up front: two writers queue on busy_timeout instead of deadlocking.
             await conn.execute("BEGIN IMMEDIATE")

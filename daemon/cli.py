@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     hash_password.add_argument(
         "--scheme", default="ARGON2ID", type=str.upper, help="Dovecot scheme name (default: %(default)s)"
     )
+
+    # Imported here: manage builds on this module's helpers (options, password reading, config loading).
+    from . import manage  # noqa: PLC0415
+
+    manage.add_parsers(sub)
     return parser
 
 
@@ -126,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EX_CONFIG
 
     async def run() -> None:
-        daemon = Daemon(config, build_directories(config.directory))
+        daemon = Daemon(config, build_directories(config))
         await daemon.serve_forever()
 
     try:
@@ -146,7 +151,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return EX_CONFIG
     try:
         # Memory directories are built from the configuration alone; nothing here connects anywhere.
-        build_directories({k: v for k, v in config.directory.items() if v.type == "memory"}, cached=False)
+        build_directories(config, [k for k, v in config.directory.items() if v.type == "memory"], cached=False)
     except ValueError as exc:
         print(f"{config.sources[0] if config.sources else '-'}: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -167,7 +172,7 @@ def cmd_lookup(args: argparse.Namespace) -> int:
         return EX_USAGE
 
     async def run() -> int:
-        directory = build_directory(config.directory[name], cached=False)
+        directory = build_directory(config, name, cached=False)
         try:
             outcome = await LookupService(directory, config.lookup).lookup(args.map, args.key)
         finally:
@@ -201,7 +206,7 @@ def cmd_auth(args: argparse.Namespace) -> int:
     password = read_password()
 
     async def run() -> int:
-        directory = build_directory(config.directory[name], cached=False)
+        directory = build_directory(config, name, cached=False)
         try:
             accounts = AccountService(directory, LookupService(directory, config.lookup), config.auth, config.userdb)
             outcome = await accounts.authenticate(args.user, password, service=args.service)
@@ -248,7 +253,9 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        # Management subcommands (daemon/manage.py) carry their handler; the others are looked up by name.
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        return int(handler(args))
     except KeyboardInterrupt:
         return 130
 

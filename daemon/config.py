@@ -37,6 +37,8 @@ CHECKOUT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf.d"
 DIRECTORY_TYPES: dict[str, str] = {
     "memory": "mailroster.backends.memory:MemoryDirectoryConfig",
     "sql": "mailroster.backends.sql:SqlDirectoryConfig",
+    "internal": "mailroster.backends.internal:InternalDirectoryConfig",
+    "ldap": "mailroster.backends.ldap_config:LdapDirectoryConfig",
 }
 STORE_TYPES: dict[str, str] = {
     "sqlite": "mailroster.backends.store:SqliteStoreConfig",
@@ -331,7 +333,13 @@ def load_config(paths: Sequence[str | Path]) -> Config:
     config = converter.convert(Config, merged, ())
     # A directory whose table has errors still exists as far as references to it are concerned.
     defined = merged.get("directory")
-    _cross_check(config, defined if isinstance(defined, dict) else {}, converter.report)
+    stores = merged.get("store")
+    _cross_check(
+        config,
+        defined if isinstance(defined, dict) else {},
+        stores if isinstance(stores, dict) else {},
+        converter.report,
+    )
     if converter.errors:
         raise ConfigError(converter.errors)
     assert isinstance(config, Config)
@@ -610,13 +618,23 @@ class _Converter:
         return Secret(text, f"file {name}")
 
 
-def _cross_check(config: object, directories: Collection[str], report: Callable[[_KeyPath, str], None]) -> None:
+def _cross_check(
+    config: object, directories: Collection[str], stores: Collection[str], report: Callable[[_KeyPath, str], None]
+) -> None:
     """Checks that span several keys, run on what converted (a table with errors is a _Partial)."""
 
     def unknown_directory(name: str) -> str:
         if directories:
             return f'no directory "{name}"; defined: {", ".join(sorted(directories))}'
         return f'no directory "{name}"; no [directory.<id>] table is defined'
+
+    converted = _get(config, "directory")
+    for ident, directory in (converted if isinstance(converted, dict) else {}).items():
+        # Directories kept in a database (internal, sql) name a [store.<id>] table.
+        store = directory.values.get("store") if isinstance(directory, _Partial) else getattr(directory, "store", None)
+        if isinstance(store, str) and store not in stores:
+            known = f"defined: {', '.join(sorted(stores))}" if stores else "no [store.<id>] table is defined"
+            report(("directory", ident, "store"), f'no store "{store}"; {known}')
 
     storage_directory = _get(config, "storage", "directory")
     if isinstance(storage_directory, str) and storage_directory not in directories:

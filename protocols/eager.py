@@ -14,6 +14,8 @@ import types
 from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
 
+from mailroster.backends.tasks import EAGER_STEP
+
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
@@ -25,10 +27,13 @@ def run_eagerly(coro: Coroutine[Any, Any, T]) -> T | asyncio.Task[T]:
     An exception raised before the first suspension propagates to the caller. Callers tell the two results
     apart with ``isinstance(result, asyncio.Task)``; ``T`` must therefore not itself be a task.
     """
+    token = EAGER_STEP.set(True)
     try:
         yielded = coro.send(None)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
+    finally:
+        EAGER_STEP.reset(token)
     started: list[bool] = []
     task = asyncio.get_running_loop().create_task(_resume(coro, yielded, started))
     task.add_done_callback(lambda t: _cancel_unstarted(t, coro, yielded, started))

@@ -626,7 +626,7 @@ def test_errors_of_every_kind_and_file_come_in_one_config_error(tmp_path: Path) 
         protocol = "tcp-table"
         bind = "localhost:10031"
         [directory.default]
-        type = "ldap"
+        type = "nis"
         """,
     )
     second = write(
@@ -680,7 +680,7 @@ def test_storage_directory_must_exist(tmp_path: Path) -> None:
 
 
 def test_a_directory_with_errors_still_counts_as_defined(tmp_path: Path) -> None:
-    path = write(tmp_path, "c.toml", '[directory.default]\ntype = "ldap"\n')
+    path = write(tmp_path, "c.toml", '[directory.default]\ntype = "nis"\n')
     assert one_error(path) == f"{path}: directory.default.type: must be one of: {DIRECTORY_CHOICES}"
 
 

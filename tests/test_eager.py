@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from mailroster.backends.tasks import ensure_task
 from mailroster.protocols.eager import run_eagerly
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -439,3 +440,34 @@ def test_cancel_right_away_reaches_a_bare_yield(run: Run) -> None:
         assert seen == ["cancelled"]
 
     run(main())
+
+
+def test_a_backend_that_needs_a_task_gets_one(run: Run) -> None:
+    """asyncio.timeout() refuses to run outside a task; ensure_task() hands the request to one first."""
+
+    async def backend_call() -> str:
+        await ensure_task()
+        async with asyncio.timeout(5):
+            await asyncio.sleep(0)
+            return "answered"
+
+    async def main() -> None:
+        # Called from inside a task (this one), as a per-connection task would: the timeout must still bind to
+        # the task that finishes the request, never to the caller's.
+        caller = asyncio.current_task()
+        task = run_eagerly(backend_call())
+        assert isinstance(task, asyncio.Task)
+        assert task is not caller
+        assert await task == "answered"
+
+    run(main())
+    # And from outside any task, as data_received is.
+    loop = asyncio.new_event_loop()
+    try:
+        result: list[object] = []
+        loop.call_soon(lambda: result.append(run_eagerly(backend_call())))
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert isinstance(result[0], asyncio.Task)
+        assert loop.run_until_complete(result[0]) == "answered"
+    finally:
+        loop.close()

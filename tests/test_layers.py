@@ -17,6 +17,7 @@ PROTOCOLS_MAY_IMPORT = {
     "mailroster.backends.model",
     "mailroster.backends.outcome",
     "mailroster.backends.errors",
+    "mailroster.backends.tasks",  # the eager runner's contract with backends that need a task
 }
 
 
