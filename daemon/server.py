@@ -20,7 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailroster.backends.cache import CachedDirectory
 from mailroster.backends.directory import Directory
+from mailroster.backends.errors import PermanentFailure, TemporaryFailure
 from mailroster.protocols.dovecot_auth import DovecotAuthSession
 from mailroster.protocols.dovecot_dict import DovecotDictSession
 from mailroster.protocols.dovecot_master import DovecotMasterSession
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 AVAILABLE_PROTOCOLS = ("socketmap", "tcp-table", "dovecot-auth", "dovecot-master", "dovecot-dict")
 LISTEN_BACKLOG = 1024
 SWEEP_INTERVAL = 1.0
+#: How long start-up waits for a directory to check its schema before going on without it.
+OPEN_TIMEOUT = 10.0
 
 
 class StartupError(Exception):
@@ -221,8 +225,25 @@ class Daemon:
         self._force = False
         self._tasks: list[asyncio.Task[None]] = []
 
+    async def open_directories(self) -> None:
+        """Let directories that keep a schema (the internal directory) create or check it now, so that a schema
+        newer than this code stops start-up. A database that is down does not: the daemon starts and answers
+        temporary failures until it is back."""
+        for name, directory in self.directories.items():
+            backend = directory.inner if isinstance(directory, CachedDirectory) else directory
+            opener = getattr(backend, "open", None)
+            if opener is None:
+                continue
+            try:
+                await asyncio.wait_for(opener(), OPEN_TIMEOUT)
+            except (TemporaryFailure, TimeoutError) as exc:
+                log.warning("directory=%s unavailable at start, answering temporary failures: %s", name, exc)
+            except PermanentFailure as exc:
+                raise StartupError(f"directory {name}: {exc}") from None
+
     async def start(self) -> None:
         """Bind every listener. On any error, what was bound is closed again and StartupError raised."""
+        await self.open_directories()
         loop = asyncio.get_running_loop()
         inherited = systemd.listen_fds()
         server_cfg = self.config.server

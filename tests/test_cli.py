@@ -23,11 +23,32 @@ def test_check_config_accepts_the_shipped_conf_d() -> None:
     assert result.stdout.startswith("configuration OK: 3 files, 1 listeners, 1 directories")
 
 
-def test_lookup_on_the_shipped_conf_d() -> None:
-    result = mailroster("lookup", "-c", str(ROOT / "conf.d"), "alias", "Postmaster@Example.org")
-    assert (result.returncode, result.stdout) == (0, "alice@example.org\n")
-    result = mailroster("lookup", "-c", str(ROOT / "conf.d"), "alias", "staff@example.org")
-    assert (result.returncode, result.stdout) == (0, "alice@example.org\n")
+def test_first_ten_minutes_on_the_shipped_conf_d(tmp_path: Path) -> None:
+    """README's "first ten minutes": the shipped internal directory, managed and queried from the CLI."""
+    local = tmp_path / "local.toml"
+    local.write_text(f'[server]\nstate-dir = "{tmp_path / "state"}"\nrun-dir = "{tmp_path / "run"}"\n')
+    c = ("-c", str(ROOT / "conf.d"), "-c", str(local))
+
+    def ok(*args: str, password: str | None = None) -> str:
+        # Options follow the (sub)command: `mailroster principal add -c ... alice`, `mailroster lookup -c ... MAP`.
+        depth = 2 if args[0] in ("domain", "principal") else 1
+        command = [MAILROSTER, *args[:depth], *c, *args[depth:]]
+        result = subprocess.run(command, input=password, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (args, result.stderr)
+        return result.stdout
+
+    ok("domain", "add", "example.org")
+    ok("principal", "add", "alice", "--email", "alice@example.org", "--quota", "2G", "--password-stdin",
+       password="a long secret\n")  # fmt: skip
+    ok("principal", "set", "alice", "--add-email", "postmaster@example.org")
+    ok("principal", "add", "staff", "--type", "group", "--email", "staff@example.org")
+    ok("principal", "set", "alice", "--add-member-of", "staff")
+    assert ok("lookup", "mailbox", "Alice@Example.org") == "example.org/alice/\n"
+    assert ok("lookup", "alias", "postmaster@example.org") == "alice@example.org\n"
+    assert ok("lookup", "alias", "staff@example.org") == "alice@example.org\n"
+    assert ok("lookup", "quota", "alice") == "2147483648\n"
+    assert ok("auth", "alice", password="a long secret\n") == "authenticated as alice\n"
+    assert (tmp_path / "state" / "directory.sqlite3").exists()
 
 
 @pytest.mark.parametrize(
