@@ -95,7 +95,8 @@ class DaemonLauncher:
     """Starts ``mailroster serve`` subprocesses on configs written from TOML text, and stops them all.
 
     ``{run}`` in the text is replaced with the run directory, ``{port:NAME}`` with a free TCP port (remembered in
-    ``daemon.ports[NAME]``). ``start`` returns once every socket named in ``wait_for`` (relative to the run
+    ``daemon.ports[NAME]``); ``before`` maps file names (sorting before ``mailroster.toml``, e.g. an example
+    configuration) to their text. ``start`` returns once every socket named in ``wait_for`` (relative to the run
     directory) and every port accepts connections.
     """
 
@@ -103,7 +104,13 @@ class DaemonLauncher:
         self.base = base
         self.started: list[RunningDaemon] = []
 
-    def start(self, toml: str, wait_for: tuple[str, ...] = (), env: dict[str, str] | None = None) -> RunningDaemon:
+    def start(
+        self,
+        toml: str,
+        wait_for: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        before: dict[str, str] | None = None,
+    ) -> RunningDaemon:
         base = self.base / f"d{len(self.started)}"
         config_dir, run_dir = base / "etc", base / "run"
         config_dir.mkdir(parents=True)
@@ -115,6 +122,8 @@ class DaemonLauncher:
             ports[toml[start_i + 6 : end_i]] = port = free_port()
             toml = toml[:start_i] + str(port) + toml[end_i + 1 :]
         (config_dir / "mailroster.toml").write_text(toml.replace("{run}", str(run_dir)))
+        for name, text in (before or {}).items():  # files read before mailroster.toml (name order): examples
+            (config_dir / name).write_text(text)
         log_path = base / "daemon.log"
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(
