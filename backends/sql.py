@@ -41,6 +41,7 @@ from .model import Expansion, Mailbox, Principal, PrincipalType, Recipient
 from .settings import CacheConfig
 from .store import Rows, Store
 
+_SEPARATORS = re.compile(r"[\s,]+")
 _DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 
 #: Values of ``columns.class`` and the principal types they mean (Stalwart's, plus "list").
@@ -128,6 +129,11 @@ class SqlDirectory(Directory):
     async def _values(self, sql: str, value: str) -> list[str]:
         return _first_column(await self._rows(sql, value))
 
+    async def _targets(self, address: str) -> list[str]:
+        """What ``expand`` gives for ``address``: one address a row, or, as PostfixAdmin's ``alias.goto`` and
+        Postfix's own alias tables hold them, several in one value separated by commas or white space."""
+        return [t for value in await self._values(self._q.expand, address) for t in _SEPARATORS.split(value) if t]
+
     # Directory.
 
     async def principal(self, name: str) -> Principal | None:
@@ -162,7 +168,7 @@ class SqlDirectory(Directory):
         groups = tuple(g.lower() for g in await self._values(self._q.members, name))
         members: tuple[str, ...] = ()
         if kind is PrincipalType.LIST and emails:
-            members = tuple(a.lower() for a in await self._values(self._q.expand, emails[0]))
+            members = tuple(a.lower() for a in await self._targets(emails[0]))
         return Principal(
             name=canonical.lower(),
             type=kind,
@@ -183,7 +189,7 @@ class SqlDirectory(Directory):
                 individuals.append(principal.name)
         if individuals:
             return Mailbox(tuple(dict.fromkeys(individuals)))
-        expanded = [normalize_address(a) for a in await self._values(self._q.expand, address) if "@" in a]
+        expanded = [normalize_address(a) for a in await self._targets(address) if "@" in a]
         if expanded:
             return Expansion(tuple(dict.fromkeys(expanded)))
         if names:  # a group or list with no member yet still exists
@@ -210,7 +216,7 @@ class SqlDirectory(Directory):
                 logins.append(principal.name)
             elif principal.type is PrincipalType.GROUP:
                 # A group's members may send as the group: members are found through the group's expansion.
-                for member_address in await self._values(self._q.expand, address):
+                for member_address in await self._targets(address):
                     owners = await self._values(self._q.recipients, member_address.lower())
                     logins.extend(n.lower() for n in owners)
         return tuple(dict.fromkeys(logins))
