@@ -30,16 +30,19 @@ import time
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 from .common import EventLoopKind, NetstringError, Workload, netstring_end, run_event_loop, uvloop_available
 
 __all__ = [
     "ReplyCheck",
     "ReplyError",
+    "RoundClient",
     "RoundResult",
+    "RoundState",
     "SocketmapClient",
     "check_reply",
+    "measure",
     "parse_conns",
     "run_round",
     "verify_all",
@@ -153,10 +156,14 @@ class RoundResult:
 
 
 @dataclass(slots=True, eq=False)
-class _RoundState:
-    """State shared by the clients of one round; flags are flipped by :func:`run_round` at the window's edges."""
+class RoundState:
+    """State shared by the clients of one round; flags are flipped by :func:`measure` at the window's edges.
 
-    workload: Workload
+    Clients append the latency of every reply that arrives while ``recording`` is set, count errors through
+    :meth:`error`, and once ``stopping`` is set, send nothing more and call :meth:`client_done` after their last
+    reply (or on an error that ends the connection).
+    """
+
     active: int
     drained: asyncio.Future[None]
     recording: bool = False
@@ -176,6 +183,19 @@ class _RoundState:
             self.drained.set_result(None)
 
 
+class RoundClient(Protocol):
+    """What :func:`measure` needs of a connected client."""
+
+    def start(self) -> None:
+        """Send the first request."""
+
+    def give_up(self, reason: str) -> None:
+        """Count a request still unanswered after the round as an error."""
+
+    def close(self) -> None:
+        """Close the connection."""
+
+
 class SocketmapClient(asyncio.Protocol):
     """One Postfix-like connection: send a request, wait for its reply, check it, send the next.
 
@@ -193,13 +213,15 @@ class SocketmapClient(asyncio.Protocol):
         "_request",
         "_sent_ns",
         "_state",
+        "_workload",
         "transport",
     )
 
-    def __init__(self, state: _RoundState, client_id: int, first_index: int) -> None:
+    def __init__(self, state: RoundState, workload: Workload, client_id: int, first_index: int) -> None:
         self._state = state
+        self._workload = workload
         self._id = client_id
-        self._index = first_index % len(state.workload)
+        self._index = first_index % len(workload)
         self._buf = b""
         self._request = b""
         self._expected = b""
@@ -216,7 +238,7 @@ class SocketmapClient(asyncio.Protocol):
         self._send()
 
     def _send(self) -> None:
-        workload = self._state.workload
+        workload = self._workload
         i = self._index
         self._index = i + 1 if i + 1 < len(workload.requests) else 0
         self._request = workload.requests[i]
@@ -291,6 +313,58 @@ class SocketmapClient(asyncio.Protocol):
             self.transport.close()
 
 
+async def measure(
+    state: RoundState,
+    clients: Sequence[RoundClient],
+    *,
+    warmup: float,
+    duration: float,
+    server_cpu: Callable[[], float] | None = None,
+    machine_cpu: Callable[[], float] | None = None,
+    drain_timeout: float = 5.0,
+) -> RoundResult:
+    """Start the connected ``clients`` (which share ``state``), let them run ``warmup`` seconds, record for
+    ``duration`` seconds, then stop them and wait for their last replies (up to ``drain_timeout`` seconds; a reply
+    still missing then is an error). The caller closes the clients.
+
+    ``server_cpu``, if given, returns the server's CPU seconds so far; ``machine_cpu`` the busy CPU seconds of the
+    whole machine. Both are read at the start and at the end of the recording window.
+    """
+    for client in clients:
+        client.start()
+    await asyncio.sleep(warmup)
+
+    cpu_before = server_cpu() if server_cpu is not None else None
+    machine_before = machine_cpu() if machine_cpu is not None else None
+    own_before = time.process_time()
+    started = time.perf_counter()
+    state.recording = True
+    await asyncio.sleep(duration)
+    state.recording = False
+    state.stopping = True
+    elapsed = time.perf_counter() - started
+    own_cpu = time.process_time() - own_before
+    server_cpu_s = server_cpu() - cpu_before if server_cpu is not None and cpu_before is not None else None
+    machine_cpu_s = machine_cpu() - machine_before if machine_cpu is not None and machine_before is not None else None
+
+    try:
+        await asyncio.wait_for(asyncio.shield(state.drained), drain_timeout)
+    except TimeoutError:
+        for client in clients:
+            client.give_up(f"no reply within {drain_timeout:g}s")
+    return RoundResult(
+        conns=len(clients),
+        completed=len(state.latencies),
+        elapsed_s=elapsed,
+        latencies_ns=sorted(state.latencies),
+        errors=state.errors,
+        error_samples=state.error_samples,
+        client_cpu_s=own_cpu,
+        server_cpu_s=server_cpu_s,
+        machine_cpu_s=machine_cpu_s,
+    )
+
+
 async def run_round(
     socket_path: str,
     workload: Workload,
@@ -303,63 +377,32 @@ async def run_round(
     drain_timeout: float = 5.0,
 ) -> RoundResult:
     """Drive ``conns`` closed-loop connections for ``warmup`` + ``duration`` seconds and measure the last
-    ``duration`` seconds.
-
-    ``server_cpu``, if given, returns the server's CPU seconds so far; ``machine_cpu`` the busy CPU seconds of the
-    whole machine. Both are read at the start and at the end of the recording window. Connecting happens before
-    the warm-up and is not measured. After the window each connection waits for its last reply (up to
-    ``drain_timeout`` seconds; a reply still missing then is an error).
+    ``duration`` seconds (:func:`measure`). Connecting happens before the warm-up and is not measured.
     """
     if conns < 1:
         raise ValueError("conns must be at least 1")
     loop = asyncio.get_running_loop()
-    state = _RoundState(workload=workload, active=conns, drained=loop.create_future())
+    state = RoundState(active=conns, drained=loop.create_future())
     size = len(workload)
     clients: list[SocketmapClient] = []
     try:
         for c in range(conns):
             # Connections start at evenly spread keys, so that together they cycle over the whole user set.
-            factory = functools.partial(SocketmapClient, state, c, c * size // conns)
+            factory = functools.partial(SocketmapClient, state, workload, c, c * size // conns)
             _, client = await loop.create_unix_connection(factory, socket_path)
             clients.append(client)
-        for client in clients:
-            client.start()
-        await asyncio.sleep(warmup)
-
-        cpu_before = server_cpu() if server_cpu is not None else None
-        machine_before = machine_cpu() if machine_cpu is not None else None
-        own_before = time.process_time()
-        started = time.perf_counter()
-        state.recording = True
-        await asyncio.sleep(duration)
-        state.recording = False
-        state.stopping = True
-        elapsed = time.perf_counter() - started
-        own_cpu = time.process_time() - own_before
-        server_cpu_s = server_cpu() - cpu_before if server_cpu is not None and cpu_before is not None else None
-        machine_cpu_s = (
-            machine_cpu() - machine_before if machine_cpu is not None and machine_before is not None else None
+        return await measure(
+            state,
+            clients,
+            warmup=warmup,
+            duration=duration,
+            server_cpu=server_cpu,
+            machine_cpu=machine_cpu,
+            drain_timeout=drain_timeout,
         )
-
-        try:
-            await asyncio.wait_for(asyncio.shield(state.drained), drain_timeout)
-        except TimeoutError:
-            for client in clients:
-                client.give_up(f"no reply within {drain_timeout:g}s")
     finally:
         for client in clients:
             client.close()
-    return RoundResult(
-        conns=conns,
-        completed=len(state.latencies),
-        elapsed_s=elapsed,
-        latencies_ns=sorted(state.latencies),
-        errors=state.errors,
-        error_samples=state.error_samples,
-        client_cpu_s=own_cpu,
-        server_cpu_s=server_cpu_s,
-        machine_cpu_s=machine_cpu_s,
-    )
 
 
 async def verify_all(socket_path: str, workload: Workload, conns: int = 4, reply_timeout: float = 10.0) -> None:

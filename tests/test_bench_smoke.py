@@ -1,14 +1,16 @@
 """Smoke tests of the benchmark harness in ``bench/``.
 
 They check that the harness can be trusted, not how fast anything is (speed is measured by ``make bench``, never
-asserted in a test): the floor frames and answers socketmap correctly, the load generator completes requests with
-zero errors against it, and a wrong, malformed or missing reply is caught rather than counted as a fast answer.
+asserted in a test): the floor frames and answers socketmap correctly, the load generators (socketmap; Dovecot
+auth-client and auth-master) complete requests with zero errors against the floor and a real mailroster, and a
+wrong, malformed or missing reply is caught rather than counted as a fast answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is a top-level package of the checkout, not part of the installed mailroster
     sys.path.insert(0, str(ROOT))
 
-from bench import floor, loadgen  # noqa: E402
+from bench import auth, floor, loadgen  # noqa: E402
+from bench import run as bench_run  # noqa: E402
 from bench.common import (  # noqa: E402
     EventLoopKind,
     NetstringError,
@@ -32,6 +35,8 @@ from bench.common import (  # noqa: E402
     run_event_loop,
     uvloop_available,
 )
+from bench.dovecot import find_tool  # noqa: E402
+from bench.procs import ServerProcess  # noqa: E402
 
 T = TypeVar("T")
 LOOP: EventLoopKind = "uvloop" if uvloop_available() else "asyncio"
@@ -206,3 +211,233 @@ def test_run_orchestrates_an_a_a_round() -> None:
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["1"], ["4"])]
     assert [row[:2] for row in rows] == [["1", "floor-b"], ["1", "floor"], ["4", "floor-b"], ["4", "floor"]]
+
+
+# The Dovecot auth load generators (bench/auth.py).
+
+AUTH_CLIENT_HANDSHAKE = (
+    b"VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nMECH\tLOGIN\tplaintext\nSPID\t42\nCUID\t1\n"
+    b"COOKIE\t0123456789abcdef0123456789abcdef\nDONE\n"
+)
+AUTH_MASTER_HANDSHAKE = b"VERSION\t1\t1\nSPID\t42\n"
+MAILROSTER = Path(sys.executable).parent / "mailroster"
+
+
+def test_parse_handshake_answers_as_lib_auth() -> None:
+    answer, end = auth.parse_handshake("auth-client", AUTH_CLIENT_HANDSHAKE) or (b"", 0)
+    assert end == len(AUTH_CLIENT_HANDSHAKE)
+    assert answer == b"VERSION\t1\t2\nCPID\t%d\n" % os.getpid()
+    assert auth.parse_handshake("auth-master", AUTH_MASTER_HANDSHAKE) == (
+        b"VERSION\t1\t0\n",
+        len(AUTH_MASTER_HANDSHAKE),
+    )
+    assert auth.parse_handshake("auth-client", AUTH_CLIENT_HANDSHAKE[:-3]) is None  # DONE not complete yet
+    assert auth.parse_handshake("auth-master", b"VERSION\t1\t1\nSP") is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "handshake", "message"),
+    [
+        ("auth-client", b"VERSION\t2\t0\nMECH\tPLAIN\nSPID\t1\nCUID\t1\nCOOKIE\tx\nDONE\n", "VERSION 1"),
+        ("auth-client", b"VERSION\t1\t2\nSPID\t1\nMECH\tPLAIN\nCUID\t1\nCOOKIE\tx\nDONE\n", "SPID before MECH"),
+        ("auth-client", b"VERSION\t1\t2\nMECH\tLOGIN\nSPID\t1\nCUID\t1\nCOOKIE\tx\nDONE\n", "PLAIN"),
+        ("auth-client", b"VERSION\t1\t2\nMECH\tPLAIN\nSPID\t1\nCUID\t1\nDONE\n", "COOKIE"),
+        ("auth-master", AUTH_CLIENT_HANDSHAKE, "VERSION, SPID"),  # the auth-client socket is not auth-master
+    ],
+)
+def test_parse_handshake_rejects_the_wrong_server(kind: auth.HandshakeKind, handshake: bytes, message: str) -> None:
+    with pytest.raises(loadgen.ReplyError, match=message):
+        auth.parse_handshake(kind, handshake)
+
+
+def test_line_workloads_are_the_wire_lines() -> None:
+    plain = auth.LineWorkload.plain_auth([("alice", "secret"), ("bob", "pw")])
+    assert len(plain) == 2
+    assert plain.request(0, 7) == b"AUTH\t7\tPLAIN\tservice=smtp\tresp=AGFsaWNlAHNlY3JldA==\n"
+    assert plain.reply(1, 8) == b"OK\t8\tuser=bob\n"
+    userdb = auth.LineWorkload.userdb([("alice", auth.userdb_fields("alice"))])
+    assert userdb.request(0, 3) == b"USER\t3\talice\tservice=lmtp\n"
+    assert userdb.reply(0, 3) == (
+        b"USER\t3\talice\tuid=5000\tgid=5000\thome=/srv/vmail/example.com/alice\tmail=maildir:~/Maildir\n"
+    )
+    assert auth.tab_escape("a\tb\x01c\n") == b"a\x01tb\x011c\x01n"
+
+
+def with_line_server(
+    socket_path: Path, handshake: bytes, answer: Callable[[bytes], bytes], body: Callable[[], Awaitable[T]]
+) -> T:
+    """Run ``body`` while a fake Dovecot-like server on ``socket_path`` sends ``handshake`` and answers every line
+    it reads after the client's own handshake lines with ``answer(line)``.
+    """
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(handshake)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while line := await reader.readline():
+                if not line.startswith((b"VERSION\t", b"CPID\t")):
+                    writer.write(answer(line))
+        writer.close()
+
+    async def main() -> T:
+        server = await asyncio.start_unix_server(handle, str(socket_path))
+        try:
+            return await body()
+        finally:
+            server.close()
+
+    return run_event_loop(main(), LOOP)
+
+
+def test_a_reply_to_another_request_id_is_detected(sock_dir: Path) -> None:
+    path = sock_dir / "fake.sock"
+    workload = auth.LineWorkload.plain_auth([("alice", "secret")])
+
+    def answer(line: bytes) -> bytes:
+        request_id = int(line.split(b"\t")[1])
+        return b"OK\t%d\tuser=alice\n" % (request_id + (request_id == 3))  # the third reply carries id 4
+
+    async def body() -> loadgen.RoundResult:
+        return await auth.run_round(str(path), workload, 1, warmup=0.0, duration=0.1)
+
+    result = with_line_server(path, AUTH_CLIENT_HANDSHAKE, answer, body)
+    assert result.errors == 1, result.error_samples
+    assert "expected b'OK\\t3\\tuser=alice\\n' got b'OK\\t4\\tuser=alice\\n'" in result.error_samples[0]
+    with pytest.raises(loadgen.ReplyError):
+        result.raise_for_errors()
+
+
+def test_a_wrong_handshake_fails_the_connection(sock_dir: Path) -> None:
+    """Connecting the auth-client load generator to an auth-master socket fails at once, not with a timeout."""
+    path = sock_dir / "fake.sock"
+    workload = auth.LineWorkload.plain_auth([("alice", "secret")])
+
+    async def body() -> None:
+        await auth.run_round(str(path), workload, 2, warmup=0.0, duration=0.1)
+
+    with pytest.raises(loadgen.ReplyError, match="SPID before MECH"):
+        with_line_server(path, AUTH_MASTER_HANDSHAKE, lambda line: b"", body)
+
+
+@pytest.fixture(scope="module")
+def bench_mailroster() -> Iterator[tuple[ServerProcess, Path]]:
+    """A real ``mailroster serve`` with the benchmark's own configuration (bench.run.mailroster_config): 20 users
+    with {PLAIN} secrets behind dovecot-auth and dovecot-master listeners, and 2 uncached SHA512-CRYPT users.
+    """
+    if not MAILROSTER.exists():
+        pytest.skip(f"{MAILROSTER} is not installed")
+    tmpdir = Path(tempfile.mkdtemp(prefix="mrb-t-", dir="/tmp"))
+    (tmpdir / "conf").mkdir()
+    slow_secret = bench_run.mailroster_hash(MAILROSTER, "SHA512-CRYPT", bench_run.SLOW_PASSWORD)
+    (tmpdir / "conf" / "bench.toml").write_text(
+        bench_run.mailroster_config(tmpdir, 20, accounts=True, slow_secret=slow_secret, slow_users=2)
+    )
+    server = ServerProcess(
+        "mailroster",
+        [str(MAILROSTER), "serve", "-c", str(tmpdir / "conf")],
+        str(tmpdir / bench_run.MR_AUTH),
+        tmpdir / "mailroster.log",
+        tmpdir,
+        wait_sockets=[str(tmpdir / bench_run.MR_USERDB), str(tmpdir / bench_run.MR_SLOW)],
+    )
+    try:
+        server.start()
+        server.wait_listening(30)
+        yield server, tmpdir
+        server.check_alive()
+    finally:
+        server.stop()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def test_auth_loadgen_against_mailroster(bench_mailroster: tuple[ServerProcess, Path]) -> None:
+    server, tmpdir = bench_mailroster
+    plain, userdb = auth.plain_workload(20), auth.userdb_workload(20)
+
+    async def body() -> tuple[loadgen.RoundResult, loadgen.RoundResult]:
+        await auth.verify_all(str(tmpdir / bench_run.MR_AUTH), plain)
+        await auth.verify_all(str(tmpdir / bench_run.MR_USERDB), userdb)
+        server.refresh_pids()
+        logins = await auth.run_round(
+            str(tmpdir / bench_run.MR_AUTH), plain, 4, warmup=0.05, duration=0.25, server_cpu=server.cpu_seconds
+        )
+        lookups = await auth.run_round(str(tmpdir / bench_run.MR_USERDB), userdb, 4, warmup=0.05, duration=0.25)
+        return logins, lookups
+
+    for result in run_event_loop(body(), LOOP):
+        assert result.errors == 0, result.error_samples
+        result.raise_for_errors()
+        assert result.completed > 0
+        assert 0 < result.p50_ms <= result.p99_ms
+    server.check_alive()
+
+
+def test_wrong_auth_and_userdb_replies_are_detected(bench_mailroster: tuple[ServerProcess, Path]) -> None:
+    _, tmpdir = bench_mailroster
+    wrong_password = auth.LineWorkload.plain_auth([(auth.login(i), auth.password(i)) for i in range(3)] + [
+        (auth.login(3), "not-the-password")
+    ])  # fmt: skip
+    wrong_home = auth.LineWorkload.userdb([("user1", (("uid", "5000"), ("gid", "5000"), ("home", "/elsewhere")))])
+
+    async def body() -> tuple[str, str, loadgen.RoundResult, loadgen.RoundResult]:
+        with pytest.raises(loadgen.ReplyError) as auth_error:
+            await auth.verify_all(str(tmpdir / bench_run.MR_AUTH), wrong_password)
+        with pytest.raises(loadgen.ReplyError) as userdb_error:
+            await auth.verify_all(str(tmpdir / bench_run.MR_USERDB), wrong_home)
+        logins = await auth.run_round(str(tmpdir / bench_run.MR_AUTH), wrong_password, 2, warmup=0.0, duration=0.1)
+        lookups = await auth.run_round(str(tmpdir / bench_run.MR_USERDB), wrong_home, 1, warmup=0.0, duration=0.1)
+        return str(auth_error.value), str(userdb_error.value), logins, lookups
+
+    auth_message, userdb_message, logins, lookups = run_event_loop(body(), LOOP)
+    assert "1 of 4 replies wrong" in auth_message
+    assert "got b'FAIL\\t" in auth_message
+    assert "home=/srv/vmail/example.com/user1" in userdb_message
+    for result in (logins, lookups):
+        assert result.errors > 0
+        with pytest.raises(loadgen.ReplyError):
+            result.raise_for_errors()
+
+
+def test_background_load_runs_beside_a_round(bench_mailroster: tuple[ServerProcess, Path]) -> None:
+    """The burst part's shape: uncached slow-hash logins in the background while a socketmap round runs."""
+    _, tmpdir = bench_mailroster
+    slow = auth.LineWorkload.plain_auth([(bench_run.slow_login(i), bench_run.SLOW_PASSWORD) for i in range(2)])
+
+    async def body() -> tuple[loadgen.RoundResult, loadgen.RoundResult]:
+        burst = auth.BackgroundLoad(str(tmpdir / bench_run.MR_SLOW), slow, 2)
+        await burst.start()
+        try:
+            lookups = await loadgen.run_round(
+                str(tmpdir / bench_run.MR_SOCKETMAP), Workload.mailbox(20), 2, warmup=0.05, duration=0.25
+            )
+        finally:
+            logins = await burst.stop()
+        return lookups, logins
+
+    lookups, logins = run_event_loop(body(), LOOP)
+    for result in (lookups, logins):
+        assert result.errors == 0, result.error_samples
+        assert result.completed > 0
+
+
+def test_run_orchestrates_the_dovecot_parts() -> None:
+    """``bench.run`` end to end against a real Dovecot: every auth part runs and prints its table."""
+    if not MAILROSTER.exists():
+        pytest.skip(f"{MAILROSTER} is not installed")
+    if find_tool("dovecot") is None or find_tool("doveadm") is None:
+        pytest.skip("dovecot is not installed")
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "bench.run", "--quick", "--only", "auth,userdb,crypt,burst", "--users", "20",
+            "--auth-conns", "2", "--userdb-conns", "2", "--crypt-conns", "2", "--crypt-users", "3",
+            "--burst-conns", "2", "--burst-lookup-conns", "1", "--burst-scheme", "SHA512-CRYPT",
+            "--warmup", "0.05", "--duration", "0.1",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    titles = [line.split(":", 1)[0] for line in proc.stdout.splitlines() if line.split(":", 1)[0] in bench_run.PARTS]
+    assert titles == ["auth", "userdb", "crypt", "burst"]
+    rows = [line.split()[:2] for line in proc.stdout.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert rows == [["2", "mailroster"], ["2", "dovecot"]] * 3 + [["1", "burst"], ["1", "no-burst"]]
+    assert "crypt, 2 conns: mailroster / dovecot logins/s" in proc.stdout
+    assert "socketmap p99 at 1 conns:" in proc.stdout
