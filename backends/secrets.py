@@ -431,11 +431,25 @@ _executor_lock = threading.Lock()
 _pending: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
 
+#: Niceness of the hashing threads. The event loop answers lookups in microseconds; a burst of slow hashes (100 ms
+#: ARGON2ID each) must not take its core away: at nice 10 a hash thread gets about a tenth of a core the loop
+#: wants, and every idle cycle otherwise.
+HASH_THREAD_NICE = 10
+
+
+def _lower_priority() -> None:
+    # On Linux, setpriority on a thread id sets that thread's niceness alone.
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_THREAD_NICE)
+
+
 def _get_executor() -> ThreadPoolExecutor:
     global _executor  # noqa: PLW0603 - one pool per process, made on first use
     with _executor_lock:
         if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="mailroster-hash")
+            _executor = ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 1, thread_name_prefix="mailroster-hash", initializer=_lower_priority
+            )
         return _executor
 
 
