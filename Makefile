@@ -1,6 +1,6 @@
 # make run   - create .venv, install mailroster, serve the embedded default config (conf.d/) with sockets in ./var
 # make test  - the test suite (real postmap, real daemons started by fixtures)
-# make bench - side-by-side benchmark against the floor (a minimal asyncio+uvloop socketmap server)
+# make bench - side by side: socketmap against a minimal uvloop floor, Dovecot auth/userdb against a real Dovecot
 # make lint  - ruff and mypy (strict) on the package
 
 PYTHON ?= python3
