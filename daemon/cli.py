@@ -162,13 +162,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _directory_name(args: argparse.Namespace, config: Config) -> str | None:
+    """The directory a command works on (``--directory``, else ``storage.directory``); None, said, if unknown."""
+    name: str = args.directory or config.storage.directory
+    if name not in config.directory:
+        print(f"no directory named {name!r}", file=sys.stderr)
+        return None
+    return name
+
+
 def cmd_lookup(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EX_CONFIG
-    name = args.directory or config.storage.directory
-    if name not in config.directory:
-        print(f"no directory named {name!r}", file=sys.stderr)
+    name = _directory_name(args, config)
+    if name is None:
         return EX_USAGE
 
     async def run() -> int:
@@ -199,9 +207,8 @@ def cmd_auth(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EX_CONFIG
-    name = args.directory or config.storage.directory
-    if name not in config.directory:
-        print(f"no directory named {name!r}", file=sys.stderr)
+    name = _directory_name(args, config)
+    if name is None:
         return EX_USAGE
     password = read_password()
 
