@@ -4,9 +4,13 @@
 directory. Outcomes, not exceptions, leave it: a backend fault is TEMPFAIL, never "wrong password" or "unknown
 user"; an unknown user and a wrong password are the same FAILED.
 
-Successful password checks are cached, when the directory has a cache, under an HMAC of (login, password) keyed by
-a secret drawn at start-up, for the cache's positive TTL: a slow hash (ARGON2ID, SHA512-CRYPT) then runs once per
-TTL per user, and neither the password nor a reusable hash of it is kept. Failures are never cached.
+Successful password checks are cached, when the directory has a cache, under a keyed BLAKE2b of (login, password)
+(a MAC, as HMAC-SHA256 would be, at a third of the cost), keyed by a secret drawn at start-up, for the cache's
+positive TTL: a slow hash (ARGON2ID, SHA512-CRYPT) then runs once per TTL per user, and neither the password nor a
+reusable hash of it is kept. Failures are never cached.
+
+A cached login and a cached userdb lookup are also answered synchronously (:meth:`AccountService.cached_authenticate`,
+:meth:`AccountService.cached_userdb`), so that the sessions need no coroutine or task for them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hmac
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from mailroster.backends import secrets
 from mailroster.backends.address import normalize_address, split_address
@@ -41,6 +46,9 @@ log = logging.getLogger(__name__)
 
 FAILED = AuthOutcome(AuthStatus.FAILED)
 _AUTH_CACHE = "auth"
+_PRINCIPAL_CACHE = "principal"  # CachedDirectory's namespace for principal()
+#: Rendered userdb fields remembered per login (see :meth:`AccountService._userdb_outcome`).
+_USERDB_MEMO_SIZE = 10000
 
 
 def _tempfail(exc: DirectoryError) -> AuthOutcome:
@@ -59,6 +67,10 @@ class AccountService:
         self._userdb = userdb
         self._cache = directory if isinstance(directory, CachedDirectory) else None
         self._cache_key = os.urandom(32)
+        # login -> (principal, its userdb reply): rendering the templates is most of a cached USER lookup's cost.
+        # An entry is used only for the very principal object it was rendered from, so it is never staler than
+        # the directory cache's answer, and a flush or reload (a new object) renders afresh.
+        self._userdb_memo: dict[str, tuple[Principal, UserFields]] = {}
 
     # MapService, for dict keys shared/<map>/<key>.
 
@@ -85,8 +97,30 @@ class AccountService:
         except (TemporaryFailure, PermanentFailure) as exc:
             return _tempfail(exc)
 
+    def _auth_key(self, login: str, password: str) -> str:
+        """The auth cache key of (login, password): keyed, so that the cache holds nothing password-equivalent."""
+        data = f"{login.lower()}\0{password}".encode()
+        return hashlib.blake2b(data, key=self._cache_key, digest_size=16).hexdigest()
+
+    def cached_authenticate(self, login: str, password: str, authzid: str = "") -> AuthOutcome | None:
+        """The outcome of :meth:`authenticate` when the auth cache answers it (always OK), else ``None``.
+
+        Synchronous, so that a cached login costs the session no coroutine or task (as ``LookupService.cached``
+        does for socketmap). Master-user logins are never cached: they take the full path.
+        """
+        cache = self._cache
+        if cache is None or (authzid and authzid.lower() != login.lower()):
+            return None
+        separator = self._auth.master_separator
+        if self._auth.master is not None and separator and separator in login:
+            return None
+        name = cache.peek(_AUTH_CACHE, self._auth_key(login, password))
+        if name is MISS:
+            return None
+        return AuthOutcome(AuthStatus.OK, user=name)
+
     async def _password_login(self, login: str, password: str) -> AuthOutcome:
-        key = hmac.new(self._cache_key, f"{login.lower()}\0{password}".encode(), hashlib.sha256).hexdigest()
+        key = self._auth_key(login, password)
         if self._cache is not None:
             name = self._cache.peek(_AUTH_CACHE, key)
             if name is not MISS:
@@ -193,14 +227,40 @@ class AccountService:
         fields.extend((key, template.format(**values)) for key, template in config.extra.items())
         return tuple((k, v) for k, v in fields if v)
 
+    def _userdb_outcome(self, principal: Principal | None, login: str) -> UserOutcome:
+        if principal is None or not principal.enabled:
+            return NOT_FOUND
+        memo = self._userdb_memo.get(login)
+        if memo is not None and memo[0] is principal:
+            return memo[1]
+        outcome = UserFields(principal.name, self.userdb_fields(principal, login))
+        if len(self._userdb_memo) >= _USERDB_MEMO_SIZE:
+            self._userdb_memo.clear()  # crude but bounded; refilling costs one rendering per user
+        self._userdb_memo[login] = (principal, outcome)
+        return outcome
+
+    def cached_userdb(self, login: str) -> UserOutcome | None:
+        """The outcome of :meth:`userdb` when the directory cache answers it by name, else ``None``.
+
+        Synchronous, for the same reason as :meth:`cached_authenticate`. Anything :meth:`find` would do more than
+        one cache hit for (a login by e-mail, a miss) takes the full path.
+        """
+        cache = self._cache
+        if cache is None:
+            return None
+        principal: Any = cache.peek(_PRINCIPAL_CACHE, login.lower())
+        if principal is MISS or principal is None:
+            return None
+        if principal.type is not PrincipalType.INDIVIDUAL:
+            return NOT_FOUND
+        return self._userdb_outcome(principal, login)
+
     async def userdb(self, login: str, *, service: str = "") -> UserOutcome:
         try:
             principal = await self.find(login)
         except (TemporaryFailure, PermanentFailure) as exc:
             return TempFail(_tempfail(exc).reason)
-        if principal is None or not principal.enabled:
-            return NOT_FOUND
-        return UserFields(principal.name, self.userdb_fields(principal, login))
+        return self._userdb_outcome(principal, login)
 
     async def passdb(self, login: str, *, with_password: bool, service: str = "") -> UserOutcome:
         try:

@@ -67,7 +67,10 @@ def split_line(line: bytes) -> list[str]:
     Dovecot is byte-transparent, so bytes that are not UTF-8 are kept as surrogates (``surrogateescape``) rather
     than refused; :func:`is_text` tells whether a field is clean text that may be handed to the directory.
     """
-    return [tab_unescape(field) for field in line.decode("utf-8", "surrogateescape").split("\t")]
+    fields = line.decode("utf-8", "surrogateescape").split("\t")
+    if b"\x01" not in line:  # the usual line escapes nothing: skip the per-field pass
+        return fields
+    return [tab_unescape(field) for field in fields]
 
 
 def join_line(fields: Iterable[str]) -> bytes:

@@ -19,14 +19,16 @@ import itertools
 import logging
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import assert_never
 
 from mailroster.backends.outcome import AuthOutcome, AuthStatus
+from mailroster.backends.tasks import ensure_task
 
 from . import sasl
-from .dovecot import LineSession, join_line, parse_uint, split_line
+from .dovecot import LineSession, join_line, parse_uint, split_line, tab_escape
+from .eager import run_eagerly
 from .errors import BadRequest
 from .service import AuthService, ConnectionObserver
 
@@ -203,6 +205,14 @@ def encode_outcome(request_id: int, outcome: AuthOutcome, *, login: str, final: 
     users and wrong passwords look the same. ``final`` is SASL data to send with OK (``resp=``).
     """
     match outcome.status:
+        case AuthStatus.OK if not outcome.fields and not final:
+            # The common reply (a cached PLAIN login) built in one go; the same bytes as the general case below.
+            user = tab_escape(outcome.user or login).encode("utf-8", "surrogateescape")
+            line = b"OK\t%d\tuser=%s\n" % (request_id, user)
+            if len(line) > MAX_LINE:
+                log.error("auth OK reply of %d bytes for %r exceeds the limit of %d", len(line), login, MAX_LINE)
+                return encode_fail(request_id, user=login, code="temp_fail", reason=REASON_TEMPFAIL)
+            return line
         case AuthStatus.OK:
             # user= is mandatory: Postfix and Exim fail the login without it; it becomes sasl_username.
             fields = ["OK", str(request_id), f"user={outcome.user or login}"]
@@ -279,6 +289,8 @@ class DovecotAuthSession(LineSession):
         self._stage = "version"
         self._minor = 0
         self._requests: dict[int, _Request] = {}
+        # The service's synchronous auth-cache check: see _begin.
+        self._cached_auth: Callable[[str, str, str], AuthOutcome | None] | None = service.cached_authenticate
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -328,7 +340,8 @@ class DovecotAuthSession(LineSession):
     def _begin(self, auth: Auth) -> None:
         if auth.id in self._requests:
             raise BadRequest(f"duplicate request id {auth.id}")
-        mechanism = sasl.create(auth.mechanism, hostname=self._hostname) if auth.mechanism in self._mechanisms else None
+        offered = auth.mechanism in self._mechanisms
+        mechanism = sasl.create(auth.mechanism, hostname=self._hostname) if offered else None
         if mechanism is None:
             # Dovecot disconnects; a FAIL leaves the other requests on this connection alone.
             log.info("auth id=%d service=%r unsupported mechanism", auth.id, auth.service)
@@ -345,9 +358,50 @@ class DovecotAuthSession(LineSession):
         except ValueError:  # binascii.Error, or a character that is not even ASCII
             self.write(encode_fail(auth.id, code="invalid_base64", reason=REASON_BAD_BASE64_INITIAL))
             return
+        if initial is not None and mechanism.name == "PLAIN" and self._answer_cached(auth, initial):
+            return
         request = _Request(auth, mechanism)
         self._requests[auth.id] = request
-        request.task = self.spawn(self._run(request, initial))
+        # Eagerly: an exchange that needs no wait is answered here, without a task or a trip through the loop.
+        try:
+            result = run_eagerly(self._run(request, initial))
+        except Exception:  # _run answers every outcome itself: this is a bug
+            log.exception("protocol=%s internal error, closing connection", self.protocol_name)
+            self.close()
+            return
+        if isinstance(result, asyncio.Task):
+            request.task = result
+            self._tasks.add(result)
+            result.add_done_callback(self._task_done)
+
+    def _answer_cached(self, auth: Auth, initial: bytes) -> bool:
+        """Answer a PLAIN login the auth cache knows at once; ``False`` leaves the request to the full exchange.
+
+        The fast path for the commonest request (Postfix and Exim send PLAIN with an initial response, and a mail
+        client logs in again and again): no mechanism, request, coroutine or task, as socketmap's ``cached()``.
+        Only an OK comes from the cache; anything else, parse failures included, goes the general way, which
+        logs it and applies the failure delay.
+        """
+        if self._cached_auth is None:
+            return False
+        step = sasl.parse_plain(initial)
+        if not isinstance(step, sasl.CheckPassword):
+            return False
+        outcome = self._cached_auth(step.login, step.password, step.authzid)
+        if outcome is None or outcome.status is not AuthStatus.OK:
+            return False
+        log.debug(
+            "auth id=%d mech=%r service=%r login=%r result=%s",
+            auth.id,
+            auth.mechanism,
+            auth.service,
+            step.login,
+            outcome.status.value,
+        )
+        self.write(encode_outcome(auth.id, outcome, login=step.login))
+        if not self._requests:
+            self.became_idle()  # as when a request is forgotten: a draining daemon may close the connection
+        return True
 
     def _continue(self, cont: Cont) -> None:
         request = self._requests.get(cont.id)
@@ -451,6 +505,9 @@ class DovecotAuthSession(LineSession):
         """The client's next CONT data, or ``None`` once the request expired (FAIL written)."""
         request.waiter = asyncio.get_running_loop().create_future()
         try:
+            # asyncio.timeout needs the request's own task, not an eager first step. The waiter is there before
+            # this yields, so that a CONT arriving meanwhile is kept.
+            await ensure_task()
             async with asyncio.timeout(self._request_timeout):
                 return await request.waiter
         except TimeoutError:

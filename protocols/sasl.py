@@ -131,6 +131,29 @@ class Mechanism:
         return Failed("unexpected credentials")
 
 
+def parse_plain(data: bytes) -> Step:
+    """A PLAIN message, ``authzid NUL authcid NUL passwd``: a :class:`CheckPassword` or why it is none.
+
+    A function of its own so that the auth session can check a cached PLAIN login without creating a mechanism.
+    """
+    parts = data.split(b"\x00")
+    if len(parts) != 3:
+        return Failed("invalid input")
+    authzid, authcid, secret = parts
+    login = _login(authcid)
+    if isinstance(login, Failed):
+        return login
+    password = _password(secret)
+    if isinstance(password, Failed):
+        return password
+    if authzid in (b"", authcid):  # an authzid equal to the login asks for nothing
+        return CheckPassword(login, password)
+    target = _login(authzid)
+    if isinstance(target, Failed):
+        return Failed(f"authzid: {target.reason}")
+    return CheckPassword(login, password, authzid=target)
+
+
 class Plain(Mechanism):
     """PLAIN: ``authzid NUL authcid NUL passwd``, exactly two NULs (``mech-plain.c``)."""
 
@@ -143,32 +166,13 @@ class Plain(Mechanism):
         if initial_response is None:
             self._waiting = True
             return Challenge(b"")
-        return self._parse(initial_response)
+        return parse_plain(initial_response)
 
     def step(self, data: bytes) -> Step:
         if not self._waiting:
             return super().step(data)
         self._waiting = False
-        return self._parse(data)
-
-    @staticmethod
-    def _parse(data: bytes) -> Step:
-        parts = data.split(b"\x00")
-        if len(parts) != 3:
-            return Failed("invalid input")
-        authzid, authcid, secret = parts
-        login = _login(authcid)
-        if isinstance(login, Failed):
-            return login
-        password = _password(secret)
-        if isinstance(password, Failed):
-            return password
-        if authzid in (b"", authcid):  # an authzid equal to the login asks for nothing
-            return CheckPassword(login, password)
-        target = _login(authzid)
-        if isinstance(target, Failed):
-            return Failed(f"authzid: {target.reason}")
-        return CheckPassword(login, password, authzid=target)
+        return parse_plain(data)
 
 
 class Login(Mechanism):

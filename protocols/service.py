@@ -35,6 +35,11 @@ class AuthService(Protocol):
         stored secrets allow them (configured)."""
         ...
 
+    def cached_authenticate(self, login: str, password: str, authzid: str = "") -> AuthOutcome | None:
+        """A cached successful check of these credentials, or ``None``: synchronous, so that a cached login costs
+        no coroutine at all (as :meth:`MapService.cached`). Only ever an OK outcome."""
+        ...
+
     async def authenticate(self, login: str, password: str, *, service: str, authzid: str = "") -> AuthOutcome:
         """Check a plaintext password (PLAIN, LOGIN). A non-empty ``authzid`` different from ``login`` is a master
         user login: ``login`` is the master, ``authzid`` the user to log in as."""
@@ -58,6 +63,10 @@ class AuthService(Protocol):
 
 class UserService(Protocol):
     """Serves Dovecot userdb and passdb lookups (auth-master protocol, dict proxy)."""
+
+    def cached_userdb(self, login: str) -> UserOutcome | None:
+        """A cached userdb answer for ``login``, or ``None``: synchronous, like :meth:`cached_authenticate`."""
+        ...
 
     async def userdb(self, login: str, *, service: str = "") -> UserOutcome:
         """The user's canonical name and userdb fields (uid, gid, home, mail, quota_rule, ...)."""

@@ -64,6 +64,9 @@ def scram_keys(password: str, salt: bytes, iterations: int, hash_name: str) -> S
 class FakeAuth:
     """Logins are case-insensitive; ``slow*`` logins wait for ``release``; ``down@...`` is a backend fault."""
 
+    def cached_authenticate(self, login: str, password: str, authzid: str = "") -> AuthOutcome | None:
+        return None  # no cache: every login takes the full path
+
     def __init__(self, mechanisms: Sequence[str] = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256")):
         self._mechanisms = mechanisms
         self.release = asyncio.Event()

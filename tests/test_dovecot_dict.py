@@ -77,6 +77,9 @@ LISTED = ["bob@example.com", "alice@example.com", "ghost@example.com", "sub/chil
 class FakeDirectory:
     """A DictService. ``slow*`` keys and logins wait for ``release``."""
 
+    def cached_userdb(self, login: str) -> UserOutcome | None:
+        return None  # no cache: every lookup takes the full path
+
     def __init__(self, listed: list[str] | None = None, name: str = "") -> None:
         self.listed = LISTED if listed is None else listed
         self.name = name

@@ -60,6 +60,9 @@ LISTED = ["alice@example.com", "bob@example.com", "carol@example.org", "Dave@Exa
 class FakeUsers:
     """``slow*`` logins wait for ``release``; ``down@...`` is a backend fault; ``list_fail`` breaks LIST midway."""
 
+    def cached_userdb(self, login: str) -> UserOutcome | None:
+        return None  # no cache: every lookup takes the full path
+
     def __init__(self, listed: list[str] | None = None) -> None:
         self.listed = LISTED if listed is None else listed
         self.release = asyncio.Event()
