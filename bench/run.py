@@ -17,6 +17,9 @@ Parts (``--only`` picks some; all by default):
   16 other connections fire uncached ``{ARGON2ID}`` logins at it (a second ``dovecot-auth`` listener on a
   directory whose cache has 0 entries), against the same lookups without the burst. The target is a p99 under
   1 ms during the burst.
+- ``internal``: socketmap lookups of mailroster's internal directory on SQLite with its cache off, one mailroster
+  per size (1k, 100k and 1M principals), compared between sizes at 8 connections (:mod:`bench.internal`): CPU
+  per lookup should stay flat from 1k to 1M. About 40 s in all, building the 1M-row database (~7 s) included.
 
 What is measured, and why:
 
@@ -64,7 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from . import auth, loadgen
+from . import auth, internal, loadgen
 from .common import Workload, run_event_loop, user_address, uvloop_available
 from .dovecot import DovecotServer, PasswdEntry, doveadm_hashes, find_tool
 from .loadgen import ReplyError, RoundResult, parse_conns
@@ -72,7 +75,7 @@ from .procs import BenchError, ServerProcess, machine_busy_seconds, pinned
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-PARTS = ("socketmap", "auth", "userdb", "crypt", "burst")
+PARTS = ("socketmap", "auth", "userdb", "crypt", "burst", "internal")
 #: The parts that compare with a real Dovecot.
 DOVECOT_PARTS = frozenset({"auth", "userdb", "crypt"})
 #: Slow-hash schemes the crypt and burst parts can use (both servers verify them; doveadm pw makes them).
@@ -114,6 +117,8 @@ class Settings:
     burst_conns: int = 16
     burst_lookup_conns: list[int] = field(default_factory=lambda: [1, 8])
     burst_scheme: str = "ARGON2ID"
+    internal_sizes: list[int] = field(default_factory=lambda: list(internal.DEFAULT_SIZES))
+    internal_keys: int = internal.DEFAULT_KEYS
 
 
 def _toml_string(value: object) -> str:
@@ -420,7 +425,7 @@ def part_notes(part: Part, settings: Settings) -> list[str]:
 DISTURBED = 0.10
 
 
-def disturbance_note(parts: Sequence[Part]) -> str | None:
+def disturbance_note(parts: Sequence[Part | internal.SizesPart]) -> str | None:
     """A warning naming how many rounds shared the machine with other load, or None."""
     rounds = [r for part in parts for group in part.rounds.values() for r in group]
     disturbed = [r for r in rounds if r.other_cpu_share > DISTURBED]
@@ -432,7 +437,7 @@ def disturbance_note(parts: Sequence[Part]) -> str | None:
     )
 
 
-def legend(parts: Sequence[Part]) -> str:
+def legend(parts: Sequence[Part | internal.SizesPart]) -> str:
     text = (
         "req/s, latency (as the client sees it) and CPU: medians over rounds. CPU us/req: the server's user+system\n"
         "CPU time per request (Dovecot: its auth and auth-worker processes). srv/gen CPU: share of one core used by\n"
@@ -493,9 +498,10 @@ class Servers:
     subject: ServerProcess  # mailroster, or a second floor in an A/A run
     floor: ServerProcess | None = None
     dovecot: DovecotServer | None = None
+    internal: list[ServerProcess] = field(default_factory=list)
 
     def all(self) -> list[ServerProcess]:
-        return [s for s in (self.subject, self.floor, self.dovecot) if s is not None]
+        return [s for s in (self.subject, self.floor, self.dovecot) if s is not None] + self.internal
 
 
 def _socket(tmpdir: Path, name: str) -> str:
@@ -581,7 +587,7 @@ def _line_run(
 
 async def run_parts(
     servers: Servers, tmpdir: Path, settings: Settings, progress: Callable[[str], None]
-) -> tuple[list[Part], str]:
+) -> tuple[list[Part | internal.SizesPart], str]:
     """Run the parts of ``settings`` in order; returns them and the load generator's event loop module."""
     event_loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
     task = asyncio.current_task()
@@ -589,7 +595,7 @@ async def run_parts(
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     subject, floor, dovecot = servers.subject, servers.floor, servers.dovecot
     users = settings.users
-    parts: list[Part] = []
+    parts: list[Part | internal.SizesPart] = []
 
     socketmap_workload = Workload.mailbox(users)
     if "socketmap" in settings.parts:
@@ -639,6 +645,18 @@ async def run_parts(
 
     if "burst" in settings.parts:
         parts.append(await run_burst(subject, tmpdir, socketmap_workload, settings, progress))
+    if "internal" in settings.parts:
+        parts.append(
+            await internal.run_part(
+                servers.internal,
+                settings.internal_sizes,
+                settings.internal_keys,
+                rounds=settings.rounds,
+                warmup=settings.warmup,
+                duration=settings.duration,
+                progress=progress,
+            )
+        )
     return parts, event_loop
 
 
@@ -712,7 +730,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     )
     parser.add_argument("--quick", action="store_true", help="short rounds, one per server: a smoke test")
     parser.add_argument(
-        "--only", type=_parse_parts, help=f"run only these parts: comma-separated subset of {','.join(PARTS)}"
+        "--only",
+        type=_parse_parts,
+        help=f"run only these parts: comma-separated subset of {','.join(PARTS)} (default: all)",
     )
     parser.add_argument("--users", type=int, default=1000, help="users in the directory (default 1000)")
     parser.add_argument("--conns", type=parse_conns, help="socketmap connection counts (default 1,8,32)")
@@ -731,6 +751,17 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     )
     parser.add_argument(
         "--burst-scheme", default="ARGON2ID", type=str.upper, choices=SLOW_SCHEMES, help="(default ARGON2ID)"
+    )
+    parser.add_argument(
+        "--internal-sizes",
+        type=internal.parse_sizes,
+        help="principals per internal-directory database, e.g. 1k,100k,1M (default; quick 1k,10k,100k)",
+    )
+    parser.add_argument(
+        "--internal-keys",
+        type=int,
+        default=internal.DEFAULT_KEYS,
+        help=f"distinct keys per internal size, spread over its principals (default {internal.DEFAULT_KEYS})",
     )
     parser.add_argument("--rounds", type=int, help="rounds per server and connection count (default 3; quick 1)")
     parser.add_argument("--duration", type=float, help="measured seconds per round (default 3; quick 0.3)")
@@ -753,8 +784,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     args = parser.parse_args(argv)
     if args.users < 1:
         parser.error("--users must be at least 1")
-    if args.crypt_users < 1 or args.burst_conns < 1:
-        parser.error("--crypt-users and --burst-conns must be at least 1")
+    if args.crypt_users < 1 or args.burst_conns < 1 or args.internal_keys < 1:
+        parser.error("--crypt-users, --burst-conns and --internal-keys must be at least 1")
     if args.floor_vs_floor:
         if args.only and args.only != ("socketmap",):
             parser.error("--floor-vs-floor runs the socketmap part only")
@@ -778,6 +809,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
         burst_conns=args.burst_conns,
         burst_lookup_conns=args.burst_lookup_conns or [1, 8],
         burst_scheme=args.burst_scheme,
+        internal_sizes=args.internal_sizes or list(internal.QUICK_SIZES if args.quick else internal.DEFAULT_SIZES),
+        internal_keys=args.internal_keys,
     )
     return args, settings
 
@@ -856,7 +889,12 @@ def prepare(args: argparse.Namespace, settings: Settings, tmpdir: Path, progress
         tmpdir.chmod(0o711)  # Dovecot's auth process runs as the dovecot user and reads the passwd-file below
         entries = dovecot_entries(settings.users, crypt_secrets)
         dovecot = DovecotServer.create("dovecot", tmpdir / "dc", entries, find_tool("dovecot") or "dovecot")
-    return Servers(subject, floor, dovecot)
+    internal_servers = []
+    if "internal" in parts:
+        internal_servers = internal.prepare(
+            script, tmpdir, settings.internal_sizes, args.mailroster_log_level, progress
+        )
+    return Servers(subject, floor, dovecot, internal_servers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -894,8 +932,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for part in parts:
             print()
             print(f"{part.key}: {part.title}")
-            print(format_table(part))
-            for line in part_notes(part, settings):
+            if isinstance(part, internal.SizesPart):
+                print(part.table())
+                notes = part.notes(settings.internal_keys, settings.internal_sizes)
+            else:
+                print(format_table(part))
+                notes = part_notes(part, settings)
+            for line in notes:
                 print(line)
         print()
         note = disturbance_note(parts)

@@ -441,3 +441,23 @@ def test_run_orchestrates_the_dovecot_parts() -> None:
     assert rows == [["2", "mailroster"], ["2", "dovecot"]] * 3 + [["1", "burst"], ["1", "no-burst"]]
     assert "crypt, 2 conns: mailroster / dovecot logins/s" in proc.stdout
     assert "socketmap p99 at 1 conns:" in proc.stdout
+
+
+def test_run_orchestrates_the_internal_part() -> None:
+    """``bench.run --only internal`` end to end with tiny databases: built, served cache-off, every reply right."""
+    if not MAILROSTER.exists():
+        pytest.skip(f"{MAILROSTER} is not installed")
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "bench.run", "--quick", "--only", "internal", "--internal-sizes", "100,1000",
+            "--internal-keys", "50", "--warmup", "0.05", "--duration", "0.2",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ERRORS" not in proc.stderr
+    assert "internal 100: 8 keys answered correctly" in proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["8"]]
+    assert [row[:2] for row in rows] == [["8", "100"], ["8", "1k"]]
+    assert all(float(row[2]) > 0 for row in rows)  # req/s: lookups completed, none wrong (a wrong one fails the run)
+    assert "CPU per lookup at 1k / at 100" in proc.stdout
