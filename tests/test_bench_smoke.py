@@ -35,8 +35,9 @@ from bench.common import (  # noqa: E402
     run_event_loop,
     uvloop_available,
 )
-from bench.dovecot import find_tool  # noqa: E402
 from bench.procs import ServerProcess  # noqa: E402
+
+from conftest import IN_CI, require_tool  # noqa: E402
 
 T = TypeVar("T")
 LOOP: EventLoopKind = "uvloop" if uvloop_available() else "asyncio"
@@ -223,6 +224,14 @@ AUTH_MASTER_HANDSHAKE = b"VERSION\t1\t1\nSPID\t42\n"
 MAILROSTER = Path(sys.executable).parent / "mailroster"
 
 
+def require_mailroster() -> None:
+    """The installed mailroster script; skip without it, fail under CI=true (as conftest.require_tool)."""
+    if not MAILROSTER.exists():
+        if IN_CI:
+            pytest.fail(f"{MAILROSTER} is not installed")
+        pytest.skip(f"{MAILROSTER} is not installed")
+
+
 def test_parse_handshake_answers_as_lib_auth() -> None:
     answer, end = auth.parse_handshake("auth-client", AUTH_CLIENT_HANDSHAKE) or (b"", 0)
     assert end == len(AUTH_CLIENT_HANDSHAKE)
@@ -323,8 +332,7 @@ def bench_mailroster() -> Iterator[tuple[ServerProcess, Path]]:
     """A real ``mailroster serve`` with the benchmark's own configuration (bench.run.mailroster_config): 20 users
     with {PLAIN} secrets behind dovecot-auth and dovecot-master listeners, and 2 uncached SHA512-CRYPT users.
     """
-    if not MAILROSTER.exists():
-        pytest.skip(f"{MAILROSTER} is not installed")
+    require_mailroster()
     tmpdir = Path(tempfile.mkdtemp(prefix="mrb-t-", dir="/tmp"))
     (tmpdir / "conf").mkdir()
     slow_secret = bench_run.mailroster_hash(MAILROSTER, "SHA512-CRYPT", bench_run.SLOW_PASSWORD)
@@ -421,10 +429,9 @@ def test_background_load_runs_beside_a_round(bench_mailroster: tuple[ServerProce
 
 def test_run_orchestrates_the_dovecot_parts() -> None:
     """``bench.run`` end to end against a real Dovecot: every auth part runs and prints its table."""
-    if not MAILROSTER.exists():
-        pytest.skip(f"{MAILROSTER} is not installed")
-    if find_tool("dovecot") is None or find_tool("doveadm") is None:
-        pytest.skip("dovecot is not installed")
+    require_mailroster()
+    require_tool("dovecot")
+    require_tool("doveadm")
     proc = subprocess.run(
         [
             sys.executable, "-m", "bench.run", "--quick", "--only", "auth,userdb,crypt,burst", "--users", "20",
@@ -445,8 +452,7 @@ def test_run_orchestrates_the_dovecot_parts() -> None:
 
 def test_run_orchestrates_the_internal_part() -> None:
     """``bench.run --only internal`` end to end with tiny databases: built, served cache-off, every reply right."""
-    if not MAILROSTER.exists():
-        pytest.skip(f"{MAILROSTER} is not installed")
+    require_mailroster()
     proc = subprocess.run(
         [
             sys.executable, "-m", "bench.run", "--quick", "--only", "internal", "--internal-sizes", "100,1000",
