@@ -2,6 +2,7 @@
 # make test  - the test suite (real postmap, real daemons started by fixtures)
 # make bench - side by side: socketmap against a minimal uvloop floor, Dovecot auth/userdb against a real Dovecot,
 #              the internal directory (SQLite, cache off) at 1k, 100k and 1M principals
+#              and the SQL/LDAP directories on private PostgreSQL, MariaDB and slapd (cache off)
 # make lint  - ruff and mypy (strict) on the package
 
 PYTHON ?= python3

@@ -20,6 +20,11 @@ Parts (``--only`` picks some; all by default):
 - ``internal``: socketmap lookups of mailroster's internal directory on SQLite with its cache off, one mailroster
   per size (1k, 100k and 1M principals), compared between sizes at 8 connections (:mod:`bench.internal`): CPU
   per lookup should stay flat from 1k to 1M. About 40 s in all, building the 1M-row database (~7 s) included.
+- ``external``: socketmap lookups of the SQL directory on a private PostgreSQL and a private MariaDB and of the
+  LDAP directory on a private slapd, cache off, at 8 connections (:mod:`bench.external`), with mailroster's CPU
+  and the database server's CPU per lookup. About 35 s, the servers' start included. A backend whose server is
+  not installed (or that cannot start it: the servers run as their system users, which needs root) is skipped
+  with a note.
 
 What is measured, and why:
 
@@ -67,7 +72,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from . import auth, internal, loadgen
+from . import auth, external, internal, loadgen
 from .common import Workload, run_event_loop, user_address, uvloop_available
 from .dovecot import DovecotServer, PasswdEntry, doveadm_hashes, find_tool
 from .loadgen import ReplyError, RoundResult, parse_conns
@@ -75,7 +80,7 @@ from .procs import BenchError, ServerProcess, machine_busy_seconds, pinned
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-PARTS = ("socketmap", "auth", "userdb", "crypt", "burst", "internal")
+PARTS = ("socketmap", "auth", "userdb", "crypt", "burst", "internal", "external")
 #: The parts that compare with a real Dovecot.
 DOVECOT_PARTS = frozenset({"auth", "userdb", "crypt"})
 #: Slow-hash schemes the crypt and burst parts can use (both servers verify them; doveadm pw makes them).
@@ -425,7 +430,7 @@ def part_notes(part: Part, settings: Settings) -> list[str]:
 DISTURBED = 0.10
 
 
-def disturbance_note(parts: Sequence[Part | internal.SizesPart]) -> str | None:
+def disturbance_note(parts: Sequence[Part | internal.SizesPart | external.ExternalPart]) -> str | None:
     """A warning naming how many rounds shared the machine with other load, or None."""
     rounds = [r for part in parts for group in part.rounds.values() for r in group]
     disturbed = [r for r in rounds if r.other_cpu_share > DISTURBED]
@@ -437,7 +442,7 @@ def disturbance_note(parts: Sequence[Part | internal.SizesPart]) -> str | None:
     )
 
 
-def legend(parts: Sequence[Part | internal.SizesPart]) -> str:
+def legend(parts: Sequence[Part | internal.SizesPart | external.ExternalPart]) -> str:
     text = (
         "req/s, latency (as the client sees it) and CPU: medians over rounds. CPU us/req: the server's user+system\n"
         "CPU time per request (Dovecot: its auth and auth-worker processes). srv/gen CPU: share of one core used by\n"
@@ -499,9 +504,14 @@ class Servers:
     floor: ServerProcess | None = None
     dovecot: DovecotServer | None = None
     internal: list[ServerProcess] = field(default_factory=list)
+    external: external.Externals = field(default_factory=external.Externals)
 
     def all(self) -> list[ServerProcess]:
-        return [s for s in (self.subject, self.floor, self.dovecot) if s is not None] + self.internal
+        return (
+            [s for s in (self.subject, self.floor, self.dovecot) if s is not None]
+            + self.internal
+            + [backend.mailroster for backend in self.external.backends]
+        )
 
 
 def _socket(tmpdir: Path, name: str) -> str:
@@ -587,7 +597,7 @@ def _line_run(
 
 async def run_parts(
     servers: Servers, tmpdir: Path, settings: Settings, progress: Callable[[str], None]
-) -> tuple[list[Part | internal.SizesPart], str]:
+) -> tuple[list[Part | internal.SizesPart | external.ExternalPart], str]:
     """Run the parts of ``settings`` in order; returns them and the load generator's event loop module."""
     event_loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
     task = asyncio.current_task()
@@ -595,7 +605,7 @@ async def run_parts(
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     subject, floor, dovecot = servers.subject, servers.floor, servers.dovecot
     users = settings.users
-    parts: list[Part | internal.SizesPart] = []
+    parts: list[Part | internal.SizesPart | external.ExternalPart] = []
 
     socketmap_workload = Workload.mailbox(users)
     if "socketmap" in settings.parts:
@@ -651,6 +661,17 @@ async def run_parts(
                 servers.internal,
                 settings.internal_sizes,
                 settings.internal_keys,
+                rounds=settings.rounds,
+                warmup=settings.warmup,
+                duration=settings.duration,
+                progress=progress,
+            )
+        )
+    if "external" in settings.parts:
+        parts.append(
+            await external.run_part(
+                servers.external,
+                settings.users,
                 rounds=settings.rounds,
                 warmup=settings.warmup,
                 duration=settings.duration,
@@ -894,7 +915,10 @@ def prepare(args: argparse.Namespace, settings: Settings, tmpdir: Path, progress
         internal_servers = internal.prepare(
             script, tmpdir, settings.internal_sizes, args.mailroster_log_level, progress
         )
-    return Servers(subject, floor, dovecot, internal_servers)
+    externals = external.Externals()
+    if "external" in parts:  # last: nothing after it can fail and leave its servers running
+        externals = external.prepare(script, tmpdir, settings.users, args.mailroster_log_level, progress)
+    return Servers(subject, floor, dovecot, internal_servers, externals)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -906,6 +930,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     tmpdir = Path(tempfile.mkdtemp(prefix="mrb-", dir="/tmp"))  # short: sun_path holds ~100 bytes
     servers: list[ServerProcess] = []
+    plan: Servers | None = None
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         settings, skipped = _without_dovecot(args, settings)
@@ -935,6 +960,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(part, internal.SizesPart):
                 print(part.table())
                 notes = part.notes(settings.internal_keys, settings.internal_sizes)
+            elif isinstance(part, external.ExternalPart):
+                print(part.table())
+                notes = part.notes(settings.users)
             else:
                 print(format_table(part))
                 notes = part_notes(part, settings)
@@ -957,6 +985,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the clean-up even if asked twice
         for server in reversed(servers):
             server.stop()
+        if plan is not None:
+            plan.external.close()  # the database servers, after the mailrosters that use them
         signal.signal(signal.SIGTERM, previous_sigterm)
         if args.keep_tmp:
             print(f"kept {tmpdir}", file=sys.stderr)

@@ -467,3 +467,25 @@ def test_run_orchestrates_the_internal_part() -> None:
     assert [row[:2] for row in rows] == [["8", "100"], ["8", "1k"]]
     assert all(float(row[2]) > 0 for row in rows)  # req/s: lookups completed, none wrong (a wrong one fails the run)
     assert "CPU per lookup at 1k / at 100" in proc.stdout
+
+
+def test_run_orchestrates_the_external_part() -> None:
+    """``bench.run --only external`` end to end with 50 users: PostgreSQL, MariaDB and slapd started and loaded,
+    each served cache-off through the shipped example, every reply right.
+    """
+    require_mailroster()
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "bench.run", "--quick", "--only", "external", "--users", "50",
+            "--warmup", "0.05", "--duration", "0.2",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ERRORS" not in proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["8"]]
+    if not IN_CI and len(rows) < 3:
+        pytest.skip("not every database server is installed here:\n" + proc.stdout)
+    assert [row[:2] for row in rows] == [["8", "postgresql"], ["8", "mariadb"], ["8", "ldap"]]
+    assert all(float(row[2]) > 0 for row in rows)  # req/s: lookups completed, none wrong (a wrong one fails the run)
+    assert " skipped: " not in proc.stdout + proc.stderr
