@@ -624,7 +624,8 @@ def test_failure_delay_holds_only_its_own_request() -> None:
             assert await client.line() == "OK\t2\tuser=alice@example.com"
             assert time.monotonic() - start < 0.4
             assert await client.line() == "FAIL\t1\tuser=alice@example.com"
-            assert time.monotonic() - start >= 0.5
+            # The delay applied (libuv's millisecond timers may fire a fraction of a millisecond early).
+            assert time.monotonic() - start >= 0.49
             # A backend fault is not delayed: no password was judged.
             start = time.monotonic()
             await client.send(f"AUTH\t3\tPLAIN\tservice=smtp\tresp={plain('down@example.com', 'x')}")
