@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -26,16 +27,20 @@ MAILROSTER = str(Path(sys.executable).parent / "mailroster")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+def unavailable(message: str) -> NoReturn:
+    """Something a test needs is missing: skip, but fail under CI=true, where .ci/run installs everything."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_tool(name: str) -> str:
     """Path of an external tool; skip without it, fail under CI=true."""
     path = shutil.which(name) or next(
         (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
     )
     if path is None:
-        message = f"{name} is not installed (.ci/run installs it)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{name} is not installed (.ci/run installs it)")
     return path
 
 

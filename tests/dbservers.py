@@ -32,7 +32,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
@@ -40,7 +39,7 @@ from mailroster.backends.pool import PoolConfig
 from mailroster.backends.settings import Duration, Secret
 from mailroster.backends.store import MysqlStoreConfig, PostgresStoreConfig
 
-from conftest import IN_CI, free_port, require_tool, wait_for_socket
+from conftest import free_port, require_tool, unavailable, wait_for_socket
 
 __all__ = [
     "DatabaseServer",
@@ -58,21 +57,14 @@ TEST_USER = "mailroster"
 START_TIMEOUT = 30.0
 
 
-def _unavailable(message: str) -> NoReturn:
-    """Skip, or fail under CI=true, like :func:`conftest.require_tool`."""
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def _require_account(name: str) -> pwd.struct_passwd:
     """The system account a server runs as; starting it as another user needs root."""
     try:
         account = pwd.getpwnam(name)
     except KeyError:
-        _unavailable(f"no {name!r} system user (its server package creates it)")
+        unavailable(f"no {name!r} system user (its server package creates it)")
     if os.geteuid() != 0:
-        _unavailable(f"starting a private server as {name!r} needs root")
+        unavailable(f"starting a private server as {name!r} needs root")
     return account
 
 
