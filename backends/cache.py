@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -30,7 +30,7 @@ T = TypeVar("T")
 
 #: What :meth:`CachedDirectory.peek` and :meth:`CachedDirectory.stale` return when they have nothing.
 MISS: Final[Any] = object()
-_Key = tuple[str, str]
+_Key = tuple[str, Hashable]  # (namespace, key): a name, an address, a MAC
 
 
 @dataclass(slots=True)
@@ -63,7 +63,7 @@ class CachedDirectory(Directory):
         self._negative: OrderedDict[_Key, tuple[float, Any]] = OrderedDict()
         self._hits = self._misses = self._stale = self._evictions = 0
 
-    def peek(self, kind: str, key: str) -> Any:
+    def peek(self, kind: str, key: Hashable) -> Any:
         """The fresh cached value of ``key`` in namespace ``kind``, or :data:`MISS`. Synchronous: the hot path."""
         k = (kind, key)
         now = self._clock()
@@ -80,7 +80,7 @@ class CachedDirectory(Directory):
         self._hits += 1
         return entry[1]
 
-    def stale(self, kind: str, key: str) -> Any:
+    def stale(self, kind: str, key: Hashable) -> Any:
         """An expired *positive* value to serve while the backend fails, or :data:`MISS`.
 
         Called after a failed trip to the backend, which counts as a miss, as a completed one does in :meth:`store`.
@@ -93,7 +93,7 @@ class CachedDirectory(Directory):
         log.warning("directory failed, serving expired cache entry kind=%s", kind)
         return entry[1]
 
-    def store(self, kind: str, key: str, value: object, *, found: bool | None = None) -> None:
+    def store(self, kind: str, key: Hashable, value: object, *, found: bool | None = None) -> None:
         """Remember ``value`` just loaded from the backend (a miss); ``found`` (default: the value's truth) picks the
         positive or the negative store."""
         self._misses += 1

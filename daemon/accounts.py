@@ -9,7 +9,7 @@ Successful password checks are cached, when the directory has a cache, under a k
 positive TTL: a slow hash (ARGON2ID, SHA512-CRYPT) then runs once per TTL per user, and neither the password nor a
 reusable hash of it is kept. Failures are never cached.
 
-A cached login and a cached userdb lookup are also answered synchronously (:meth:`AccountService.cached_authenticate`,
+A cached login and a cached userdb lookup are also answered synchronously (:meth:`AccountService.cached_login`,
 :meth:`AccountService.cached_userdb`), so that the sessions need no coroutine or task for them.
 """
 
@@ -66,7 +66,9 @@ class AccountService:
         self._auth = auth
         self._userdb = userdb
         self._cache = directory if isinstance(directory, CachedDirectory) else None
-        self._cache_key = os.urandom(32)
+        self._auth_mac_state = hashlib.blake2b(key=os.urandom(32), digest_size=16)
+        separator = auth.master_separator
+        self._master_separator = separator.encode() if auth.master is not None and separator else None
         # login -> (principal, its userdb reply): rendering the templates is most of a cached USER lookup's cost.
         # An entry is used only for the very principal object it was rendered from, so it is never staler than
         # the directory cache's answer, and a flush or reload (a new object) renders afresh.
@@ -97,31 +99,50 @@ class AccountService:
         except (TemporaryFailure, PermanentFailure) as exc:
             return _tempfail(exc)
 
-    def _auth_key(self, login: str, password: str) -> str:
-        """The auth cache key of (login, password): keyed, so that the cache holds nothing password-equivalent."""
-        data = f"{login.lower()}\0{password}".encode()
-        return hashlib.blake2b(data, key=self._cache_key, digest_size=16).hexdigest()
+    def _auth_key(self, login: str, password: str) -> bytes | None:
+        """The auth cache key of (login, password): keyed, so that the cache holds nothing password-equivalent.
 
-    def cached_authenticate(self, login: str, password: str, authzid: str = "") -> AuthOutcome | None:
-        """The outcome of :meth:`authenticate` when the auth cache answers it (always OK), else ``None``.
+        ``None`` for credentials that are not text (undecodable bytes from a terminal, kept as surrogates): they
+        are checked as any others, but never cached, as no client of the protocols can send them.
+        """
+        try:
+            credentials = login.lower().encode() + b"\0" + password.encode()
+        except UnicodeEncodeError:
+            return None
+        return self._auth_mac(credentials)
 
-        Synchronous, so that a cached login costs the session no coroutine or task (as ``LookupService.cached``
-        does for socketmap). Master-user logins are never cached: they take the full path.
+    def _auth_mac(self, credentials: bytes) -> bytes:
+        mac = self._auth_mac_state.copy()  # the key block is hashed once, at start-up
+        mac.update(credentials)
+        return mac.digest()
+
+    def cached_login(self, login: bytes, password: bytes) -> str | None:
+        """The canonical name when the auth cache holds a successful check of these credentials, else ``None``.
+
+        ``login`` and ``password`` are the UTF-8 bytes of a PLAIN message with no authorization identity, as the
+        client sent them: a cached login is answered without decoding them. Synchronous, so that it costs the
+        session no coroutine or task (as ``LookupService.cached`` does for socketmap). Master-user logins are never
+        cached: they take the full path.
         """
         cache = self._cache
-        if cache is None or (authzid and authzid.lower() != login.lower()):
+        if cache is None or (self._master_separator is not None and self._master_separator in login):
             return None
-        separator = self._auth.master_separator
-        if self._auth.master is not None and separator and separator in login:
-            return None
-        name = cache.peek(_AUTH_CACHE, self._auth_key(login, password))
-        if name is MISS:
-            return None
-        return AuthOutcome(AuthStatus.OK, user=name)
+        if login.isascii():
+            folded = login.lower()  # the same bytes as str.lower() gives for ASCII
+        else:
+            try:
+                folded = login.decode().lower().encode()
+            except UnicodeDecodeError:
+                return None
+        # A password that is not UTF-8 cannot match: every key was made from a decoded (valid) one.
+        mac = self._auth_mac_state.copy()  # _auth_mac, inline: this is the hot path of a cached login
+        mac.update(folded + b"\0" + password)
+        name = cache.peek(_AUTH_CACHE, mac.digest())
+        return None if name is MISS else name
 
     async def _password_login(self, login: str, password: str) -> AuthOutcome:
         key = self._auth_key(login, password)
-        if self._cache is not None:
+        if self._cache is not None and key is not None:
             name = self._cache.peek(_AUTH_CACHE, key)
             if name is not MISS:
                 return AuthOutcome(AuthStatus.OK, user=name)
@@ -142,7 +163,7 @@ class AccountService:
                 return FAILED
         if not principal.enabled:
             return AuthOutcome(AuthStatus.DISABLED, user=principal.name)
-        if self._cache is not None:
+        if self._cache is not None and key is not None:
             self._cache.store(_AUTH_CACHE, key, principal.name, found=True)
         return AuthOutcome(AuthStatus.OK, user=principal.name)
 
@@ -242,7 +263,7 @@ class AccountService:
     def cached_userdb(self, login: str) -> UserOutcome | None:
         """The outcome of :meth:`userdb` when the directory cache answers it by name, else ``None``.
 
-        Synchronous, for the same reason as :meth:`cached_authenticate`. Anything :meth:`find` would do more than
+        Synchronous, for the same reason as :meth:`cached_login`. Anything :meth:`find` would do more than
         one cache hit for (a login by e-mail, a miss) takes the full path.
         """
         cache = self._cache

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, Protocol
 
 from mailroster.backends.cache import CachedDirectory
@@ -65,7 +65,7 @@ class ChangeWatchingCache(CachedDirectory):
         self._watcher: asyncio.Task[None] | None = None
         self.seen: int | None = None
 
-    def store(self, kind: str, key: str, value: object, *, found: bool | None = None) -> None:
+    def store(self, kind: str, key: Hashable, value: object, *, found: bool | None = None) -> None:
         if self._watcher is None:
             with contextlib.suppress(RuntimeError):  # no running loop: nothing to serve, nothing to watch
                 self._watcher = asyncio.get_running_loop().create_task(self._watch())

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import functools
 import itertools
 import logging
 import os
+import re
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import assert_never
@@ -27,7 +31,7 @@ from mailroster.backends.outcome import AuthOutcome, AuthStatus
 from mailroster.backends.tasks import ensure_task
 
 from . import sasl
-from .dovecot import LineSession, join_line, parse_uint, split_line, tab_escape
+from .dovecot import UINT32_MAX, LineSession, join_line, parse_uint, split_line, tab_escape
 from .eager import run_eagerly
 from .errors import BadRequest
 from .service import AuthService, ConnectionObserver
@@ -62,6 +66,18 @@ REASON_BAD_BASE64_CONT = "Invalid base64 data in continued response"
 REASON_UNSUPPORTED = "Unsupported authentication mechanism"
 REASON_TOO_MANY = "Too many concurrent authentication requests"
 REASON_TEMPFAIL = "Temporary authentication failure"
+
+# One whole AUTH line of a PLAIN login with an initial response and nothing the general way would have to
+# unescape or refuse outright (NUL, tab-escapes, CR, a second line); the parameters keep their leading TAB. Linear:
+# the response holds no TAB, so each earlier "\tresp=" the parameters backtrack to fails at the next TAB.
+_FAST_PLAIN = re.compile(rb"AUTH\t([0-9]{1,10})\tPLAIN(\t[^\x00\x01\r\n]*)\tresp=([^\x00\x01\t\r\n]*)\n\Z")
+
+
+@functools.lru_cache(maxsize=4096)
+def _user_field(name: str) -> bytes:
+    """The value of ``user=`` for ``name``, escaped and encoded: the same for every login of a user."""
+    return tab_escape(name).encode("utf-8", "surrogateescape")
+
 
 # CUID: Dovecot's per-process connection counter.
 _connection_ids = itertools.count(1)
@@ -289,8 +305,9 @@ class DovecotAuthSession(LineSession):
         self._stage = "version"
         self._minor = 0
         self._requests: dict[int, _Request] = {}
-        # The service's synchronous auth-cache check: see _begin.
-        self._cached_auth: Callable[[str, str, str], AuthOutcome | None] | None = service.cached_authenticate
+        # The service's synchronous auth-cache check, and whether cached PLAIN logins may take the fast path.
+        self._cached_login: Callable[[bytes, bytes], str | None] | None = service.cached_login
+        self._fast_plain = False  # True once the handshake is over, if PLAIN is offered
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -305,6 +322,67 @@ class DovecotAuthSession(LineSession):
             self._mechanisms, pid=os.getpid(), cuid=next(_connection_ids), cookie=secrets.token_hex(16)
         )
 
+    def data_received(self, data: bytes) -> None:
+        # The commonest request, a cached PLAIN login, arrives as one whole line in one read (Postfix, Exim and
+        # Dovecot's lib-auth write a line at once and wait for the reply): answer it straight from the bytes.
+        if (
+            data[:5] == b"AUTH\t"
+            and self._fast_plain
+            and not self._requests
+            and not self._writing_paused
+            and not self._closing
+            and not self._decoder.buffered
+        ):
+            reply = self._fast_plain_reply(data)
+            if reply is not None:
+                self.last_active = time.monotonic()
+                self.write(reply)
+                return
+        super().data_received(data)
+
+    def _fast_plain_reply(self, data: bytes) -> bytes | None:
+        """The OK for ``data`` when it is exactly one well-formed AUTH line of a PLAIN login the auth cache knows.
+
+        ``None`` for anything else, which then goes the general way (:meth:`line_received`) from the start: this
+        only ever answers what the general way would answer with the same bytes, and changes no state.
+        """
+        match = _FAST_PLAIN.match(data) if len(data) <= MAX_LINE else None
+        if match is None:
+            return None
+        id_text, params, resp = match.groups()
+        request_id = int(id_text)
+        if not 0 < request_id <= UINT32_MAX or b"\tservice=" not in params or b"\tresp=" in params:
+            return None  # an id out of range, no service, resp= before other parameters: refused the general way
+        try:
+            initial = binascii.a2b_base64(resp, strict_mode=True)
+        except binascii.Error:
+            return None
+        return self._cached_reply(request_id, initial)
+
+    def _cached_reply(self, request_id: int, initial: bytes) -> bytes | None:
+        """The OK for a PLAIN initial response whose successful check the auth cache holds, else ``None``.
+
+        A cache hit is always an OK: failures are not cached, and anything unusual (an authorization identity,
+        a master login, a malformed message) goes the general way, which logs it and applies the failure delay.
+        """
+        if self._cached_login is None:
+            return None
+        parts = initial.split(b"\x00")
+        if len(parts) != 3:
+            return None
+        authzid, login, password = parts
+        if not login or (authzid and authzid != login):
+            return None
+        name = self._cached_login(login, password)
+        if name is None:
+            return None
+        reply = b"OK\t%d\tuser=%s\n" % (request_id, _user_field(name))
+        if len(reply) > MAX_LINE:
+            return None  # the general way reports it
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("auth id=%d mech='PLAIN' login=%r result=ok (cached)", request_id, login.decode(errors="replace"))
+        return reply
+
     def line_received(self, line: bytes) -> None:
         if self._stage == "version":
             self._minor = parse_version(line)
@@ -313,6 +391,7 @@ class DovecotAuthSession(LineSession):
         if self._stage == "cpid":
             parse_cpid(line)  # Dovecot ignores the pid on sockets that only authenticate; so do we
             self._stage = "ready"
+            self._fast_plain = "PLAIN" in self._mechanisms
             return
         command = parse_command(line)
         match command:
@@ -377,28 +456,13 @@ class DovecotAuthSession(LineSession):
     def _answer_cached(self, auth: Auth, initial: bytes) -> bool:
         """Answer a PLAIN login the auth cache knows at once; ``False`` leaves the request to the full exchange.
 
-        The fast path for the commonest request (Postfix and Exim send PLAIN with an initial response, and a mail
-        client logs in again and again): no mechanism, request, coroutine or task, as socketmap's ``cached()``.
-        Only an OK comes from the cache; anything else, parse failures included, goes the general way, which
-        logs it and applies the failure delay.
+        For a cached login that did not come alone in one read (see :meth:`data_received`): no mechanism,
+        request, coroutine or task either.
         """
-        if self._cached_auth is None:
+        reply = self._cached_reply(auth.id, initial)
+        if reply is None:
             return False
-        step = sasl.parse_plain(initial)
-        if not isinstance(step, sasl.CheckPassword):
-            return False
-        outcome = self._cached_auth(step.login, step.password, step.authzid)
-        if outcome is None or outcome.status is not AuthStatus.OK:
-            return False
-        log.debug(
-            "auth id=%d mech=%r service=%r login=%r result=%s",
-            auth.id,
-            auth.mechanism,
-            auth.service,
-            step.login,
-            outcome.status.value,
-        )
-        self.write(encode_outcome(auth.id, outcome, login=step.login))
+        self.write(reply)
         if not self._requests:
             self.became_idle()  # as when a request is forgotten: a draining daemon may close the connection
         return True

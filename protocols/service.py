@@ -35,9 +35,10 @@ class AuthService(Protocol):
         stored secrets allow them (configured)."""
         ...
 
-    def cached_authenticate(self, login: str, password: str, authzid: str = "") -> AuthOutcome | None:
-        """A cached successful check of these credentials, or ``None``: synchronous, so that a cached login costs
-        no coroutine at all (as :meth:`MapService.cached`). Only ever an OK outcome."""
+    def cached_login(self, login: bytes, password: bytes) -> str | None:
+        """The canonical user name when a successful check of these credentials (the UTF-8 bytes of a PLAIN
+        message without authorization identity) is cached, else ``None``: synchronous, so that a cached login costs
+        no coroutine at all (as :meth:`MapService.cached`)."""
         ...
 
     async def authenticate(self, login: str, password: str, *, service: str, authzid: str = "") -> AuthOutcome:
@@ -65,7 +66,7 @@ class UserService(Protocol):
     """Serves Dovecot userdb and passdb lookups (auth-master protocol, dict proxy)."""
 
     def cached_userdb(self, login: str) -> UserOutcome | None:
-        """A cached userdb answer for ``login``, or ``None``: synchronous, like :meth:`cached_authenticate`."""
+        """A cached userdb answer for ``login``, or ``None``: synchronous, like :meth:`AuthService.cached_login`."""
         ...
 
     async def userdb(self, login: str, *, service: str = "") -> UserOutcome:

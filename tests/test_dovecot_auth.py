@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -24,6 +25,7 @@ import uvloop
 
 from mailroster.backends.outcome import AuthOutcome, AuthStatus, ScramCredentials
 from mailroster.protocols import dovecot_auth
+from mailroster.protocols.dovecot import LineSession
 from mailroster.protocols.dovecot_auth import (
     Auth,
     Cancel,
@@ -64,7 +66,7 @@ def scram_keys(password: str, salt: bytes, iterations: int, hash_name: str) -> S
 class FakeAuth:
     """Logins are case-insensitive; ``slow*`` logins wait for ``release``; ``down@...`` is a backend fault."""
 
-    def cached_authenticate(self, login: str, password: str, authzid: str = "") -> AuthOutcome | None:
+    def cached_login(self, login: bytes, password: bytes) -> str | None:
         return None  # no cache: every login takes the full path
 
     def __init__(self, mechanisms: Sequence[str] = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256")):
@@ -570,6 +572,121 @@ def test_scram_refusals() -> None:
             client.close()
 
     run(main())
+
+
+class CachingAuth(FakeAuth):
+    """FakeAuth with an auth cache that holds one successful login: alice's, with her password."""
+
+    def cached_login(self, login: bytes, password: bytes) -> str | None:
+        self.calls.append(("cached", login.decode(errors="replace"), ""))
+        return "alice@example.com" if (login.lower(), password) == (b"alice@example.com", b"secret") else None
+
+
+GOOD = plain("alice@example.com", "secret")
+
+
+def auth_line(resp: str = GOOD, params: str = "service=smtp", request_id: str = "1", mech: str = "PLAIN") -> bytes:
+    return f"AUTH\t{request_id}\t{mech}\t{params}\tresp={resp}\n".encode()
+
+
+# A cached login in every shape the fast path must either answer exactly as the general way, or leave to it.
+FAST_PATH_CASES: dict[str, tuple[int, list[bytes], bool]] = {
+    # name: (minor version, chunks as the server reads them, whether the fast path answers them)
+    "postfix": (1, [auth_line(params="service=smtp\tnologin\tlip=127.0.0.1")], True),
+    "login case": (1, [auth_line(plain("ALICE@example.com", "secret"))], True),
+    "authzid = login": (1, [auth_line(plain("alice@example.com", "secret", "alice@example.com"))], True),
+    "id with zeros": (1, [auth_line(request_id="007")], True),
+    "largest id": (1, [auth_line(request_id="4294967295")], True),
+    "lower-case mech": (1, [auth_line(mech="plain")], False),
+    "crlf": (1, [auth_line()[:-1] + b"\r\n"], False),
+    "escaped param": (1, [auth_line(params="service=smtp\tsession=a\x01tb")], False),
+    "two lines": (1, [auth_line() + auth_line(request_id="2")], False),
+    "split line": (1, [auth_line()[:20], auth_line()[20:]], False),
+    "wrong password": (1, [auth_line(plain("alice@example.com", "wrong"))], False),
+    "other authzid": (1, [auth_line(plain("admin", "adminpw", "alice@example.com"))], False),
+    "no padding": (1, [auth_line(GOOD.rstrip("="))], False),
+    "bad base64": (1, [auth_line("*" + GOOD)], False),
+    "empty resp, minor 1": (1, [auth_line("")], False),
+    "empty resp, minor 2": (2, [auth_line("")], False),
+    "resp not last": (1, [f"AUTH\t1\tPLAIN\tresp={GOOD}\tservice=smtp\n".encode()], False),
+    "two resp": (1, [auth_line(params=f"service=smtp\tresp={GOOD}")], False),
+    "no service": (1, [auth_line(params="nologin")], False),
+    "id 0": (1, [auth_line(request_id="0")], False),
+    "id over 32 bits": (1, [auth_line(request_id="4294967296")], False),
+    "NUL": (1, [auth_line(params="service=smtp\x00")], False),
+    "too long": (1, [auth_line(params="service=smtp\tx=" + "y" * 16384)], False),
+}
+
+
+class GeneralWay(LineSession):
+    """Counts the reads that go the general way: in the MRO below, DovecotAuthSession's ``super()`` is this."""
+
+    general_lines = 0
+
+    def data_received(self, data: bytes) -> None:
+        GeneralWay.general_lines += 1
+        super().data_received(data)
+
+
+class CountingSession(DovecotAuthSession, GeneralWay):
+    pass
+
+
+@pytest.mark.usefixtures("loop_kind")
+@pytest.mark.parametrize("case", sorted(FAST_PATH_CASES))
+def test_cached_login_fast_path_answers_as_the_general_way(case: str) -> None:
+    """A session whose service caches alice's login replies byte for byte as one without a cache; the shapes the
+    fast path takes are answered from the cache without the general line reader, the others go the general way."""
+    minor, chunks, fast = FAST_PATH_CASES[case]
+    # The last request marks the end of the replies (bob's login is never cached); a closed connection ends early.
+    end = f"AUTH\t99\tPLAIN\tservice=smtp\tresp={plain('bob@example.com', 'hunter2')}\n".encode()
+
+    async def transcript(service: FakeAuth) -> tuple[list[str], int]:
+        factory = lambda: CountingSession(service, failure_delay=0)  # noqa: E731
+        async with serve(factory) as path:
+            client = await Client.connect(path)
+            await client.handshake(minor)
+            await asyncio.sleep(0.01)
+            GeneralWay.general_lines = 0
+            with contextlib.suppress(ConnectionError):  # the case may have closed the connection
+                for chunk in chunks:
+                    client.writer.write(chunk)
+                    await client.writer.drain()
+                    await asyncio.sleep(0.01)  # each chunk is one read on the server
+                general_lines = GeneralWay.general_lines
+                client.writer.write(end)
+            replies: list[str] = []
+            while not replies or not replies[-1].startswith("OK\t99\t"):
+                try:
+                    data = await asyncio.wait_for(client.reader.readline(), 5)
+                except ConnectionError:
+                    data = b""
+                if not data:
+                    replies.append("<closed>")
+                    break
+                replies.append(data.decode().rstrip("\n"))
+            client.close()
+            return replies, general_lines
+
+    async def main() -> None:
+        cached, general = CachingAuth(), FakeAuth()
+        cached_replies, cached_lines = await transcript(cached)
+        general_replies, general_lines = await transcript(general)
+        assert cached_replies == general_replies
+        assert general_lines > 0  # without a cache, every line goes the general way
+        if fast:
+            assert cached_replies[0].startswith("OK\t") and cached_replies[0].endswith("\tuser=alice@example.com")
+            assert cached_lines == 0
+            assert cached.calls[0][0] == "cached"  # alice's hit
+            assert [call for call in cached.calls if call[0] == "plain"] == [("plain", "bob@example.com", "smtp")]
+        else:
+            assert cached_lines == general_lines
+
+    run(main())
+
+
+def test_cached_login_reply_escapes_the_user_name() -> None:
+    assert dovecot_auth._user_field("a\tb\x01c") == b"a\x01tb\x011c"
 
 
 @pytest.mark.usefixtures("loop_kind")
