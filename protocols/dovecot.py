@@ -179,6 +179,15 @@ class LineSession(asyncio.Protocol):
         """Whether to stop reading until some requests are answered."""
         return False
 
+    def answer_at_once(self, data: bytes) -> bytes | None:
+        """The reply to ``data``, when it is one whole request a cache answers, else ``None``.
+
+        Called for each read while nothing is in flight, before the line reader sees it: the fast path of the
+        commonest request. It must change no state, and answer only what the general way (:meth:`line_received`)
+        would answer with the same bytes; ``None`` hands the read to the general way.
+        """
+        return None
+
     def on_eof(self) -> None:
         """The client will send nothing more."""
 
@@ -262,6 +271,11 @@ class LineSession(asyncio.Protocol):
         if self._closing:
             return
         self.last_active = time.monotonic()
+        if not (self._writing_paused or self._decoder.buffered or self.busy):
+            reply = self.answer_at_once(data)
+            if reply is not None:
+                self.write(reply)
+                return
         try:
             for line in self._decoder.feed(data):
                 self.line_received(line)

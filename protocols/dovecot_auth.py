@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import secrets
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import assert_never
@@ -322,31 +321,13 @@ class DovecotAuthSession(LineSession):
             self._mechanisms, pid=os.getpid(), cuid=next(_connection_ids), cookie=secrets.token_hex(16)
         )
 
-    def data_received(self, data: bytes) -> None:
-        # The commonest request, a cached PLAIN login, arrives as one whole line in one read (Postfix, Exim and
-        # Dovecot's lib-auth write a line at once and wait for the reply): answer it straight from the bytes.
-        if (
-            data[:5] == b"AUTH\t"
-            and self._fast_plain
-            and not self._requests
-            and not self._writing_paused
-            and not self._closing
-            and not self._decoder.buffered
-        ):
-            reply = self._fast_plain_reply(data)
-            if reply is not None:
-                self.last_active = time.monotonic()
-                self.write(reply)
-                return
-        super().data_received(data)
-
-    def _fast_plain_reply(self, data: bytes) -> bytes | None:
+    def answer_at_once(self, data: bytes) -> bytes | None:
         """The OK for ``data`` when it is exactly one well-formed AUTH line of a PLAIN login the auth cache knows.
 
-        ``None`` for anything else, which then goes the general way (:meth:`line_received`) from the start: this
-        only ever answers what the general way would answer with the same bytes, and changes no state.
+        The commonest request: Postfix, Exim and Dovecot's lib-auth write a line at once and wait for the reply, so a
+        cached login arrives as one whole line in one read. Anything else goes the general way from the start.
         """
-        match = _FAST_PLAIN.match(data) if len(data) <= MAX_LINE else None
+        match = _FAST_PLAIN.match(data) if self._fast_plain and len(data) <= MAX_LINE else None
         if match is None:
             return None
         id_text, params, resp = match.groups()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
@@ -22,10 +21,10 @@ from typing import Any
 
 import pytest
 import uvloop
+from fastpath import transcript
 
 from mailroster.backends.outcome import AuthOutcome, AuthStatus, ScramCredentials
 from mailroster.protocols import dovecot_auth
-from mailroster.protocols.dovecot import LineSession
 from mailroster.protocols.dovecot_auth import (
     Auth,
     Cancel,
@@ -618,69 +617,42 @@ FAST_PATH_CASES: dict[str, tuple[int, list[bytes], bool]] = {
 }
 
 
-class GeneralWay(LineSession):
-    """Counts the reads that go the general way: in the MRO below, DovecotAuthSession's ``super()`` is this."""
-
-    general_lines = 0
-
-    def data_received(self, data: bytes) -> None:
-        GeneralWay.general_lines += 1
-        super().data_received(data)
-
-
-class CountingSession(DovecotAuthSession, GeneralWay):
-    pass
-
-
 @pytest.mark.usefixtures("loop_kind")
 @pytest.mark.parametrize("case", sorted(FAST_PATH_CASES))
 def test_cached_login_fast_path_answers_as_the_general_way(case: str) -> None:
     """A session whose service caches alice's login replies byte for byte as one without a cache; the shapes the
-    fast path takes are answered from the cache without the general line reader, the others go the general way."""
+    fast path takes are answered from the cache without the line reader, the others go the general way."""
     minor, chunks, fast = FAST_PATH_CASES[case]
-    # The last request marks the end of the replies (bob's login is never cached); a closed connection ends early.
-    end = f"AUTH\t99\tPLAIN\tservice=smtp\tresp={plain('bob@example.com', 'hunter2')}\n".encode()
-
-    async def transcript(service: FakeAuth) -> tuple[list[str], int]:
-        factory = lambda: CountingSession(service, failure_delay=0)  # noqa: E731
-        async with serve(factory) as path:
-            client = await Client.connect(path)
-            await client.handshake(minor)
-            await asyncio.sleep(0.01)
-            GeneralWay.general_lines = 0
-            with contextlib.suppress(ConnectionError):  # the case may have closed the connection
-                for chunk in chunks:
-                    client.writer.write(chunk)
-                    await client.writer.drain()
-                    await asyncio.sleep(0.01)  # each chunk is one read on the server
-                general_lines = GeneralWay.general_lines
-                client.writer.write(end)
-            replies: list[str] = []
-            while not replies or not replies[-1].startswith("OK\t99\t"):
-                try:
-                    data = await asyncio.wait_for(client.reader.readline(), 5)
-                except ConnectionError:
-                    data = b""
-                if not data:
-                    replies.append("<closed>")
-                    break
-                replies.append(data.decode().rstrip("\n"))
-            client.close()
-            return replies, general_lines
+    end = f"AUTH\t99\tPLAIN\tservice=smtp\tresp={plain('bob@example.com', 'hunter2')}\n".encode()  # never cached
+    handshake = f"VERSION\t1\t{minor}\nCPID\t4242\n".encode()
 
     async def main() -> None:
-        cached, general = CachingAuth(), FakeAuth()
-        cached_replies, cached_lines = await transcript(cached)
-        general_replies, general_lines = await transcript(general)
+        cached = CachingAuth()
+        cached_replies, cached_reads = await transcript(
+            lambda: DovecotAuthSession(cached, failure_delay=0),
+            b"DONE",
+            handshake,
+            chunks,
+            end=end,
+            end_reply=b"OK\t99\t",
+        )
+        general_replies, general_reads = await transcript(
+            lambda: DovecotAuthSession(FakeAuth(), failure_delay=0),
+            b"DONE",
+            handshake,
+            chunks,
+            end=end,
+            end_reply=b"OK\t99\t",
+        )
         assert cached_replies == general_replies
-        assert general_lines > 0  # without a cache, every line goes the general way
+        assert general_reads == len(chunks)  # without a cache, every read goes the general way
         if fast:
-            assert cached_replies[0].startswith("OK\t") and cached_replies[0].endswith("\tuser=alice@example.com")
-            assert cached_lines == 0
+            assert re.fullmatch(rb"OK\t\d+\tuser=alice@example\.com\n", cached_replies[0])
+            assert cached_reads == 0
             assert cached.calls[0][0] == "cached"  # alice's hit
             assert [call for call in cached.calls if call[0] == "plain"] == [("plain", "bob@example.com", "smtp")]
         else:
-            assert cached_lines == general_lines
+            assert cached_reads == len(chunks)
 
     run(main())
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from fastpath import transcript
 
 from mailroster.backends.errors import TemporaryFailure
 from mailroster.backends.outcome import NOT_FOUND, TempFail, UserFields, UserOutcome
@@ -331,6 +332,84 @@ def test_undecodable_user_is_not_found_without_asking() -> None:
             assert await client.line() == "NOTFOUND\t1"
             assert service.calls == []
             client.close()
+
+    run(main())
+
+
+class CachingUsers(FakeUsers):
+    """FakeUsers with a userdb cache that knows alice, "big" (a reply too long) and nobody@ (not found)."""
+
+    def cached_userdb(self, login: str) -> UserOutcome | None:
+        self.calls.append(("cached", login, ""))
+        if login == "big@example.com":
+            return UserFields(login, (("note", "x" * 9000),))
+        if login == "nobody@example.com":
+            return NOT_FOUND
+        return ALICE if login.lower() == "alice@example.com" else None
+
+
+def user_line(user: str = "alice@example.com", params: str = "service=lmtp", request_id: str = "1") -> bytes:
+    return f"USER\t{request_id}\t{user}\t{params}\n".encode()
+
+
+# Cached lookups in every shape the fast path must either answer exactly as the general way, or leave to it.
+FAST_PATH_CASES: dict[str, tuple[list[bytes], bool]] = {
+    # name: (chunks as the server reads them after the handshake, whether the fast path answers them)
+    "lmtp": ([user_line(params="service=lmtp\tlip=127.0.0.1\trip=127.0.0.1")], True),
+    "id 0": ([user_line(request_id="0")], True),
+    "largest id": ([user_line(request_id="4294967295")], True),
+    "name case": ([user_line("Alice@Example.COM")], True),
+    "not found": ([user_line("nobody@example.com")], True),
+    "reply too long": ([user_line("big@example.com")], True),
+    "not cached": ([user_line("bob@example.com")], False),
+    "escaped user": ([user_line("ali\x01tce@example.com")], False),
+    "undecodable user": ([b"USER\t1\t\xff@example.com\tservice=lmtp\n"], False),
+    "crlf": ([user_line()[:-1] + b"\r\n"], False),
+    "two lines": ([user_line() + user_line(request_id="2")], False),
+    "split line": ([user_line()[:9], user_line()[9:]], False),
+    "bare service": ([user_line(params="service")], False),
+    "no service": ([user_line(params="lip=127.0.0.1")], False),
+    "no params": ([b"USER\t1\talice@example.com\n"], False),
+    "empty user": ([user_line("")], False),
+    "id over 32 bits": ([user_line(request_id="4294967296")], False),
+    "NUL": ([user_line(params="service=lmtp\x00")], False),
+    "too long": ([user_line(params="service=lmtp\tx=" + "y" * 1024)], False),
+    "PASS": ([b"PASS\t1\talice@example.com\tservice=lmtp\n"], False),
+}
+
+
+@pytest.mark.usefixtures("loop_kind")
+@pytest.mark.parametrize("case", sorted(FAST_PATH_CASES))
+def test_cached_lookup_fast_path_answers_as_the_general_way(case: str) -> None:
+    """A session whose service caches alice replies byte for byte as one without a cache; the shapes the fast path
+    takes are answered without the line reader, the others go the general way."""
+    chunks, fast = FAST_PATH_CASES[case]
+    end = b"USER\t99\tbob@example.com\tservice=lmtp\n"  # never cached: marks the end of the replies
+
+    async def main() -> None:
+        cached_replies, cached_reads = await transcript(
+            lambda: DovecotMasterSession(CachingUsers()),
+            b"SPID",
+            b"VERSION\t1\t0\n",
+            chunks,
+            end=end,
+            end_reply=b"USER\t99\t",
+        )
+        general_replies, general_reads = await transcript(
+            lambda: DovecotMasterSession(FakeUsers()),
+            b"SPID",
+            b"VERSION\t1\t0\n",
+            chunks,
+            end=end,
+            end_reply=b"USER\t99\t",
+        )
+        if case == "not found":  # FakeUsers does not know nobody@ either: the same NOTFOUND
+            assert cached_replies[0] == b"NOTFOUND\t1\n"
+        if case == "reply too long":
+            assert cached_replies[0] == b"FAIL\t1\treason=reply too long\n"
+        assert cached_replies == general_replies
+        assert general_reads == len(chunks)
+        assert cached_reads == (0 if fast else len(chunks))
 
     run(main())
 
