@@ -121,6 +121,10 @@ class SqlDirectory(Directory):
         except KeyError:
             raise PermanentFailure(f"no store named {config.store!r}") from None
 
+    async def close(self) -> None:
+        """Close the store's connections (a store shared with other directories is closed once, at shutdown)."""
+        await self.store.close()
+
     async def _rows(self, sql: str, value: str) -> Rows:
         if not sql:
             return Rows((), [])

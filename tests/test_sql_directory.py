@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mailroster.backends.errors import TemporaryFailure
 from mailroster.backends.sql import SqlDirectory, SqlDirectoryConfig
 from mailroster.backends.store import SqliteStoreConfig, Store
 from mailroster.backends.store_mysql import MysqlStore
@@ -69,6 +70,24 @@ class TestSqlDirectory(DirectoryContract):
         directory = runner.run(setup())
         yield directory
         runner.run(store.close())
+
+
+def test_close_closes_the_store(tmp_path: Path) -> None:
+    """The daemon closes its directories at shutdown: the store's connections go with them (and a closed store
+    answers with a temporary failure, never "not found")."""
+
+    async def main() -> None:
+        store = sqlite_store(tmp_path)
+        await load_contract_data(store)
+        directory = SqlDirectory(store, example_config(tmp_path))
+        assert (await directory.principal("jane")) is not None
+        await directory.close()
+        with pytest.raises(TemporaryFailure):
+            await directory.principal("jane")
+        with pytest.raises(TemporaryFailure):
+            await store.query("SELECT 1")
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize(("example", "store_type"), [(EXAMPLE, "postgresql"), (EXAMPLE_MYSQL, "mysql")])
