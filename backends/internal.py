@@ -209,7 +209,7 @@ class InternalDirectory(Directory):
         if owner is None:
             return await self._expansion(0, address)
         if owner.type is PrincipalType.INDIVIDUAL:
-            return Mailbox((owner.name,))
+            return Mailbox((owner.name,), (owner.primary,))
         # A group's or a list's address exists even when nobody is in it yet: an empty expansion, not invalid.
         return await self._expansion(owner.id, address) or Expansion(())
 

@@ -40,9 +40,15 @@ class Principal:
 
 @dataclass(frozen=True, slots=True)
 class Mailbox:
-    """The address is delivered to the mailbox of these principals (usually one)."""
+    """The address is delivered to the mailbox of these principals (usually one).
+
+    ``primaries``, when the backend learnt them in the same query, are the principals' primary addresses in the
+    order of ``names`` (``None`` for one without any), so that the mailbox and alias maps need no ``principal()``
+    call; ``None`` when it did not. Not part of equality: it only saves a trip to the backend.
+    """
 
     names: tuple[str, ...]
+    primaries: tuple[str | None, ...] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

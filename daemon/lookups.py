@@ -112,12 +112,16 @@ class LookupService:
                 return candidate, found
         return None
 
-    async def _principals(self, names: tuple[str, ...]) -> list[Principal]:
+    async def _mailbox_primaries(self, mailbox: Mailbox) -> list[tuple[str, str | None]]:
+        """(name, primary address) of each principal of ``mailbox`` that exists: from the mailbox itself when the
+        backend sent them along, else from ``principal()``."""
+        if mailbox.primaries is not None:
+            return list(zip(mailbox.names, mailbox.primaries, strict=True))
         found = []
-        for name in names:
+        for name in mailbox.names:
             principal = await self.directory.principal(name)
             if principal is not None:
-                found.append(principal)
+                found.append((principal.name, principal.primary_email))
         return found
 
     async def _principal_by_login_or_address(self, key: str) -> Principal | None:
@@ -141,10 +145,9 @@ class LookupService:
         resolved = await self._resolve(key, catch_all=False)
         if resolved is None or not isinstance(resolved[1], Mailbox):
             return NOT_FOUND
-        for principal in await self._principals(resolved[1].names):
-            address = principal.primary_email or resolved[0]
-            local, domain = split_address(address)
-            return Found(self._mailbox_path.format(name=principal.name, local=local, domain=domain))
+        for name, primary in await self._mailbox_primaries(resolved[1]):
+            local, domain = split_address(primary or resolved[0])
+            return Found(self._mailbox_path.format(name=name, local=local, domain=domain))
         return NOT_FOUND
 
     async def _alias(self, key: str) -> Outcome:
@@ -155,7 +158,7 @@ class LookupService:
         if isinstance(found, Expansion):
             targets = list(found.addresses)
         else:
-            targets = [p.primary_email for p in await self._principals(found.names) if p.primary_email]
+            targets = [primary for _name, primary in await self._mailbox_primaries(found) if primary]
             if targets == [candidate]:
                 return NOT_FOUND  # a mailbox's own primary address is not an alias
         return Found(",".join(targets)) if targets else NOT_FOUND

@@ -30,8 +30,11 @@ from mailroster.backends.internal_io import dump_export, parse_import
 from mailroster.backends.internal_manage import DirectoryData, InternalManager, PrincipalRecord, PrincipalUpdate
 from mailroster.backends.internal_schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE, ensure_schema, schema_version
 from mailroster.backends.model import Expansion, Mailbox, PrincipalType
-from mailroster.backends.store import STORE_BACKENDS, SqliteStoreConfig, Store, StoreConfig, translate
+from mailroster.backends.outcome import Found
+from mailroster.backends.store import STORE_BACKENDS, Rows, SqliteStoreConfig, Store, StoreConfig, translate
+from mailroster.daemon.config import LookupConfig
 from mailroster.daemon.directories import load_class
+from mailroster.daemon.lookups import LookupService
 
 from contract import DOMAINS, PRINCIPALS, DirectoryContract
 
@@ -152,6 +155,9 @@ def test_answers_equal_the_memory_directory(
         for method in ("recipient", "email_to_names", "sender_logins", "vrfy", "expn"):
             got = runner.run(getattr(internal, method)(address))
             assert got == runner.run(getattr(memory, method)(address)), (method, address)
+            if isinstance(got, Mailbox):  # the primaries it carries are the principals' own
+                primaries = tuple(runner.run(memory.principal(name)).primary_email for name in got.names)
+                assert got.primaries == primaries, address
     for domain in sorted(domain_keys):
         assert runner.run(internal.is_local_domain(domain)) == runner.run(memory.is_local_domain(domain)), domain
 
@@ -183,6 +189,29 @@ def test_individuals_are_listed_in_pages(manager: InternalManager, runner: async
         return [name async for name in directory.individuals()]
 
     assert runner.run(names()) == [f"user{i:04}" for i in range(2001)]
+
+
+def test_mailbox_and_alias_maps_take_one_query(internal: InternalDirectory, runner: asyncio.Runner) -> None:
+    """Uncached, the mailbox and alias maps of an individual's address cost one query: the owner's row carries the
+    name and primary address the answers are made of."""
+    queries: list[str] = []
+    query = internal.store.query
+
+    async def counting(sql: str, *params: object) -> Rows:
+        queries.append(sql)
+        return await query(sql, *params)
+
+    lookups = LookupService(internal, LookupConfig())
+    runner.run(internal.principal("jane"))  # the schema check, done once
+    internal.store.query = counting  # type: ignore[method-assign]
+    try:
+        assert runner.run(lookups.lookup("mailbox", "Jane.Example@example.org")) == Found("example.org/jane/")
+        assert queries == [internal_module.SQL_OWNER]
+        queries.clear()
+        assert runner.run(lookups.lookup("alias", "jane.example@example.org")) == Found("jane@example.org")
+        assert queries == [internal_module.SQL_OWNER]
+    finally:
+        del internal.store.query
 
 
 @pytest.mark.parametrize("store_config", ["sqlite"], indirect=True)
