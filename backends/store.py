@@ -96,11 +96,14 @@ class SqliteStoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class PostgresStoreConfig:
-    type: Literal["postgresql"]
+class ServerStoreConfig:
+    """The keys of a store on a database server (:mod:`.store_server`); each server type names its own ``type``
+    and default ``port``."""
+
+    type: Literal["postgresql", "mysql"]
     database: str
     host: str = "127.0.0.1"
-    port: int = 5432
+    port: int = 0
     user: str = ""
     password: Secret | None = None
     timeout: Duration = Duration(5)
@@ -109,18 +112,19 @@ class PostgresStoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class MysqlStoreConfig:
+class PostgresStoreConfig(ServerStoreConfig):
+    """``type = "postgresql"``."""
+
+    type: Literal["postgresql"]
+    port: int = 5432
+
+
+@dataclass(frozen=True, slots=True)
+class MysqlStoreConfig(ServerStoreConfig):
     """``type = "mysql"``: MySQL or MariaDB."""
 
     type: Literal["mysql"]
-    database: str
-    host: str = "127.0.0.1"
     port: int = 3306
-    user: str = ""
-    password: Secret | None = None
-    timeout: Duration = Duration(5)
-    tls: TlsConfig = field(default_factory=TlsConfig)
-    pool: PoolConfig = field(default_factory=PoolConfig)
 
 
 StoreConfig = SqliteStoreConfig | PostgresStoreConfig | MysqlStoreConfig

@@ -1,14 +1,9 @@
-"""PostgreSQL store (asyncpg): asyncpg's own connection pool, created on first use, under the ``pool.*`` timeouts.
+"""PostgreSQL store (asyncpg): asyncpg's own connection pool, shared and bounded as :mod:`.store_server` describes.
 
-The pool keeps no connection it does not need (``min_size=0``) and is created lazily, so a daemon starts while its
-database is down: queries fail as temporary failures until the server is back, then the next one connects. A
-connection whose statement failed in a way that leaves its state unknown (lost connection, timeout, cancellation)
-is terminated rather than returned, so nothing stale outlives a server restart.
-
-Three budgets, as :mod:`.pool` defines them: waiting for a free connection is bounded by ``pool.timeout.wait``
-(a semaphore in front of asyncpg's pool, because asyncpg's ``acquire(timeout=)`` would count connecting against
-the same budget), opening one by ``pool.timeout.create``, each statement by ``timeout`` (asyncpg's
-``command_timeout``, which also cancels the statement on the server).
+Each statement is bounded by asyncpg's ``command_timeout`` (the store's ``timeout``), which also cancels the
+statement on the server; opening a connection by ``acquire(timeout=)`` (``pool.timeout.create``). Waiting for a
+free connection is left to the semaphore in front of the pool: asyncpg's ``acquire(timeout=)`` would count it
+against the same budget as connecting.
 """
 
 from __future__ import annotations
@@ -16,19 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
 import asyncpg  # type: ignore[import-untyped]
 
 from .errors import DirectoryError, PermanentFailure, TemporaryFailure
-from .store import ConstraintViolation, Executor, PostgresStoreConfig, Rows, Store, TlsConfig, translate
-from .tasks import ensure_task
+from .store import ConstraintViolation, PostgresStoreConfig, Rows, translate
+from .store_server import LoopPool, ServerSession, ServerStore, ssl_context
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: Column names remembered per query text, for queries that return no rows (see :meth:`_Session.query`).
 COLUMN_CACHE_SIZE = 256
@@ -46,17 +37,6 @@ class _Connection(asyncpg.Connection):  # type: ignore[misc]
 
     def get_reset_query(self) -> str:
         return ""
-
-
-def ssl_context(tls: TlsConfig) -> ssl.SSLContext | bool:
-    """``False`` (plain TCP, not libpq's "prefer") unless TLS is enabled; then verified unless allowed not to be."""
-    if not tls.enable:
-        return False
-    context = ssl.create_default_context()
-    if tls.allow_invalid_certs:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def _describe(exc: Exception) -> str:
@@ -96,15 +76,12 @@ def _row_count(status: str) -> int:
     return int(last) if last.isdigit() else 0
 
 
-class _Session:
-    """Statements on one pooled connection; remembers whether the connection may be reused afterwards."""
+class _Session(ServerSession):
+    """Statements on one pooled asyncpg connection (bounded by its ``command_timeout``)."""
 
     def __init__(self, pool: Any, conn: Any, name: str, columns: dict[str, tuple[str, ...]]) -> None:
-        self.pool = pool
-        self.conn = conn
-        self.name = name
+        super().__init__(pool, conn, name)
         self.columns = columns
-        self.broken = False
         self._transaction: Any = None
 
     async def query(self, sql: str, *params: object) -> Rows:
@@ -160,130 +137,50 @@ class _Session:
     async def commit(self) -> None:
         await self._run(self._transaction.commit)
 
-    async def rollback(self) -> None:
-        """Roll back if the connection can still be spoken to; a broken one is terminated, which rolls back."""
-        if self.broken or self.closed():
-            return
-        with contextlib.suppress(DirectoryError):
-            await self._run(self._transaction.rollback)
+    async def _rollback(self) -> None:
+        await self._run(self._transaction.rollback)
 
-    async def _run(self, call: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await call()
-        except asyncio.CancelledError:
-            # Cancelled mid-statement: the server may still be answering it. Do not hand the connection on.
-            self.broken = True
-            raise
-        except Exception as exc:  # noqa: BLE001 - every driver fault becomes the store's own failure below
-            fault = _fault(exc, self.name, connection_closed=self.closed())
-            if isinstance(fault, TemporaryFailure):
-                self.broken = True
-            raise fault from None
+    def _fault(self, exc: Exception) -> DirectoryError:
+        return _fault(exc, self.name, connection_closed=self.closed())
 
 
-class _LoopPool:
-    """The asyncpg pool and the semaphore in front of it, which belong to one event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, slots: int) -> None:
-        self.loop = loop
-        self.slots = asyncio.Semaphore(slots)
-        self.lock = asyncio.Lock()
-        self.pool: Any = None
-
-
-class PostgresStore(Store):
+class PostgresStore(ServerStore[PostgresStoreConfig, _Session]):
     dialect: ClassVar[Literal["postgresql"]] = "postgresql"
 
     def __init__(self, config: PostgresStoreConfig) -> None:
-        # For messages and logs: never the password.
-        self.name = f"postgresql {config.user}@{config.host}:{config.port}/{config.database}"
-        self._config = config
-        self._timeout = float(config.timeout)
-        self._wait = float(config.pool.timeout.wait)
-        self._create = float(config.pool.timeout.create)
-        self._max = max(1, config.pool.max_connections)
-        self._ssl = ssl_context(config.tls)
-        self._state: _LoopPool | None = None
+        super().__init__(config)
+        # False: plain TCP, not libpq's "prefer".
+        self._ssl = ssl_context(config.tls) or False
         self._columns: dict[str, tuple[str, ...]] = {}
-        self._closed = False
 
-    @classmethod
-    def from_config(cls, config: PostgresStoreConfig, state_dir: str) -> PostgresStore:
-        """``state_dir`` is unused: the data lives on the server."""
-        return cls(config)
+    async def _create_pool(self) -> Any:
+        password = self._config.password.value if self._config.password is not None else None
+        # min_size=0: creating the pool connects nothing, so it cannot fail because the server is down.
+        return await asyncpg.create_pool(
+            host=self._config.host,
+            port=self._config.port,
+            user=self._config.user or None,
+            password=password,
+            database=self._config.database,
+            ssl=self._ssl,
+            min_size=0,
+            max_size=self._max,
+            timeout=self._create,
+            command_timeout=self._timeout,
+            connection_class=_Connection,
+            server_settings={"application_name": "mailroster"},
+        )
 
-    def _loop_pool(self) -> _LoopPool:
-        # One daemon runs one loop; tests may run the same store under successive asyncio.run() calls, and an
-        # asyncpg pool (like a semaphore with waiters) cannot move between loops: a new loop gets its own.
-        # The old loop's connections are abandoned to the garbage collector: close() the store before its loop
-        # ends to avoid that.
-        loop = asyncio.get_running_loop()
-        if self._state is None or self._state.loop is not loop:
-            self._state = _LoopPool(loop, self._max)
-        return self._state
+    async def _connect(self, pool: Any) -> _Session:
+        return _Session(pool, await pool.acquire(timeout=self._create), self.name, self._columns)
 
-    async def _pool(self, state: _LoopPool) -> Any:
-        async with state.lock:
-            if state.pool is None:
-                password = self._config.password.value if self._config.password is not None else None
-                # min_size=0: creating the pool connects nothing, so it cannot fail because the server is down.
-                state.pool = await asyncpg.create_pool(
-                    host=self._config.host,
-                    port=self._config.port,
-                    user=self._config.user or None,
-                    password=password,
-                    database=self._config.database,
-                    ssl=self._ssl,
-                    min_size=0,
-                    max_size=self._max,
-                    timeout=self._create,
-                    command_timeout=self._timeout,
-                    connection_class=_Connection,
-                    server_settings={"application_name": "mailroster"},
-                )
-            return state.pool
+    def _connect_failure(self, exc: Exception) -> str | None:
+        # Refused, reset, authentication failed, "the database system is starting up", unknown database...
+        if not isinstance(exc, OSError | _errors.PostgresError | _errors.InterfaceError):
+            return None
+        return (exc.strerror if isinstance(exc, OSError) else None) or _describe(exc)
 
-    async def _acquire(self, state: _LoopPool) -> _Session:
-        pool = await self._pool(state)
-        try:
-            return _Session(pool, await pool.acquire(timeout=self._create), self.name, self._columns)
-        except asyncio.CancelledError:
-            raise
-        except TimeoutError:
-            raise TemporaryFailure(f"{self.name}: connecting timed out") from None
-        except (OSError, _errors.PostgresError, _errors.InterfaceError) as exc:
-            # Refused, reset, authentication failed, "the database system is starting up", unknown database...
-            detail = (exc.strerror if isinstance(exc, OSError) else None) or _describe(exc)
-            raise TemporaryFailure(f"{self.name}: cannot connect: {detail}") from None
-        except Exception as exc:  # noqa: BLE001 - anything else is the pool's own trouble
-            # The pool itself misbehaved: discard it; the next query builds a new one.
-            log.warning("%s: discarding the connection pool after %s: %s", self.name, type(exc).__name__, exc)
-            if state.pool is pool:
-                state.pool = None
-            pool.terminate()
-            raise TemporaryFailure(f"{self.name}: connection pool failed") from None
-
-    @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[_Session]:
-        if self._closed:
-            raise TemporaryFailure(f"{self.name}: shutting down")
-        state = self._loop_pool()
-        try:
-            # asyncio.timeout rather than wait_for: with a zero wait, a free slot is still taken.
-            async with asyncio.timeout(self._wait):
-                await state.slots.acquire()
-        except TimeoutError:
-            raise TemporaryFailure(f"{self.name}: no free connection (pool exhausted)") from None
-        try:
-            session = await self._acquire(state)
-            try:
-                yield session
-            finally:
-                await self._release(session)
-        finally:
-            state.slots.release()
-
-    async def _release(self, session: _Session) -> None:
+    async def _release(self, state: LoopPool, session: _Session) -> None:
         if session.broken:
             session.terminate()  # the pool sees it closed and opens a new one next time
         try:
@@ -293,37 +190,5 @@ class PostgresStore(Store):
         except Exception as exc:  # noqa: BLE001 - asyncpg terminated the connection already; nothing to do
             log.debug("%s: releasing a connection failed: %s", self.name, type(exc).__name__)
 
-    async def query(self, sql: str, *params: object) -> Rows:
-        await ensure_task()
-        async with self._session() as session:
-            return await session.query(sql, *params)
-
-    async def execute(self, sql: str, *params: object) -> int:
-        await ensure_task()
-        async with self._session() as session:
-            return await session.execute(sql, *params)
-
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Executor]:
-        await ensure_task()
-        async with self._session() as session:
-            await session.begin()
-            try:
-                yield session
-            except BaseException:
-                await session.rollback()
-                raise
-            await session.commit()
-
-    async def close(self) -> None:
-        self._closed = True
-        state, self._state = self._state, None
-        if state is None or state.pool is None:
-            return
-        try:
-            # Waits for connections in use to come back; bounded, then cut.
-            await asyncio.wait_for(state.pool.close(), self._timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - a pool that does not close in time is terminated
-            state.pool.terminate()
+    async def _close_pool(self, pool: Any) -> None:
+        await pool.close()

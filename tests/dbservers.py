@@ -32,12 +32,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Generic, Literal, TypeVar
 
 import pytest
 
 from mailroster.backends.pool import PoolConfig
 from mailroster.backends.settings import Duration, Secret
-from mailroster.backends.store import MysqlStoreConfig, PostgresStoreConfig
+from mailroster.backends.store import MysqlStoreConfig, PostgresStoreConfig, ServerStoreConfig
 
 from conftest import free_port, require_tool, unavailable, wait_for_socket
 
@@ -55,6 +56,8 @@ __all__ = [
 #: The account the stores log in with (not a superuser: the tests see what the daemon would see).
 TEST_USER = "mailroster"
 START_TIMEOUT = 30.0
+
+ConfigT = TypeVar("ConfigT", bound=ServerStoreConfig)
 
 
 def _require_account(name: str) -> pwd.struct_passwd:
@@ -88,15 +91,24 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-class DatabaseServer(abc.ABC):
-    """What the two private servers have in common: a process on a loopback port, a test account, admin SQL."""
+class DatabaseServer(abc.ABC, Generic[ConfigT]):
+    """What the two private servers have in common: a process on a loopback port, a test account, admin SQL.
+
+    A server class supplies the commands: creating the data directory (:meth:`_set_up`), running the server
+    (:meth:`_spawn`), the administrator's client (:meth:`_sql_command`), and its account and database statements.
+    """
 
     kind: str
     host = "127.0.0.1"
+    #: The store configuration that reaches this server, and its ``type`` key.
+    config_class: type[ConfigT]
+    store_type: Literal["postgresql", "mysql"]
 
     def __init__(self, prefix: str) -> None:
         self.base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
         self.base.chmod(0o755)  # the server's user must traverse it
+        self.data_dir = self.base / "data"
+        self.run_dir = self.base / "run"
         self.port = free_port()
         self.user = TEST_USER
         # Random per session, and with characters that need quoting in a connection string.
@@ -109,9 +121,38 @@ class DatabaseServer(abc.ABC):
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def _set_up(self, program: str, command: list[str]) -> None:
+        """Make the data directory with ``command``, start the server, create the test account and the session's
+        database; remove everything again if any of it fails."""
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=self.base)
+            if result.returncode != 0:
+                raise RuntimeError(f"{program} failed:\n{result.stdout}{result.stderr}")
+            self.start()
+            self.sql(self._create_user_statement())
+            self.database = self.create_database()
+        except BaseException:
+            self.close()
+            raise
+
     @abc.abstractmethod
+    def _create_user_statement(self) -> str:
+        """The statement that creates the test account, with its password."""
+
     def start(self) -> None:
         """Start the server (again) on its port and data directory; return once it accepts connections."""
+        if self.running:
+            return
+        self.proc = self._spawn()
+        self._wait_ready(self._ready)
+
+    @abc.abstractmethod
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        """The server process, started; its pid is the server's (the one to signal)."""
+
+    @abc.abstractmethod
+    def _ready(self) -> bool:
+        """Whether the server accepts connections now."""
 
     @abc.abstractmethod
     def _stop_signal(self) -> int: ...
@@ -166,9 +207,17 @@ class DatabaseServer(abc.ABC):
         finally:
             self.resume()
 
-    @abc.abstractmethod
     def sql(self, statement: str, database: str | None = None) -> list[tuple[str, ...]]:
         """Run ``statement`` as the administrator (in ``database``, or none); the rows as text."""
+        command = self._sql_command(statement, database)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        if result.returncode != 0:
+            raise RuntimeError(f"{Path(command[0]).name} failed on {statement!r}: {result.stderr.strip()}")
+        return [tuple(line.split("\t")) for line in result.stdout.splitlines() if line]
+
+    @abc.abstractmethod
+    def _sql_command(self, statement: str, database: str | None) -> list[str]:
+        """The client command that runs ``statement`` as the administrator, printing rows as tab-separated text."""
 
     @abc.abstractmethod
     def create_database(self) -> str:
@@ -177,7 +226,6 @@ class DatabaseServer(abc.ABC):
     @abc.abstractmethod
     def drop_database(self, name: str) -> None: ...
 
-    @abc.abstractmethod
     def store_config(
         self,
         *,
@@ -185,8 +233,18 @@ class DatabaseServer(abc.ABC):
         timeout: float = 5,
         pool: PoolConfig | None = None,
         password: str | None = None,
-    ) -> PostgresStoreConfig | MysqlStoreConfig:
+    ) -> ConfigT:
         """The store configuration for the test account (``database`` defaults to the session's)."""
+        return self.config_class(
+            type=self.store_type,
+            database=database or self.database,
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=Secret(self.password if password is None else password, "inline"),
+            timeout=Duration(timeout),
+            pool=pool or PoolConfig(),
+        )
 
     def log(self) -> str:
         path = self.log_path()
@@ -209,7 +267,7 @@ class DatabaseServer(abc.ABC):
             time.sleep(0.02)
 
 
-class PrivatePostgres(DatabaseServer):
+class PrivatePostgres(DatabaseServer[PostgresStoreConfig]):
     """A PostgreSQL cluster made by initdb in its own directory, password (SCRAM) authentication over TCP.
 
     The administrator (``postgres``) connects over the Unix socket in the run directory with ``trust``; the test
@@ -217,51 +275,37 @@ class PrivatePostgres(DatabaseServer):
     """
 
     kind = "postgresql"
+    config_class = PostgresStoreConfig
+    store_type = "postgresql"
 
     def __init__(self) -> None:
-        account = _require_account("postgres")
+        self.account = _require_account("postgres")
         self.bindir = self._bindir()
         super().__init__("mrpg")
-        self.data_dir = self.base / "data"
-        self.run_dir = self.base / "run"
         for path in (self.data_dir, self.run_dir):
             path.mkdir(mode=0o700)
-            os.chown(path, account.pw_uid, account.pw_gid)
-        try:
-            self._create_cluster()
-        except BaseException:
-            self.close()
-            raise
+            os.chown(path, self.account.pw_uid, self.account.pw_gid)
+        initdb = [
+            require_tool("runuser"),
+            "-u",
+            "postgres",
+            "--",
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--no-sync",
+            "--no-locale",
+            "--encoding=UTF8",
+        ]
+        self._set_up("initdb", initdb)
 
-    def _create_cluster(self) -> None:
-        initdb = subprocess.run(
-            [
-                require_tool("runuser"),
-                "-u",
-                "postgres",
-                "--",
-                str(self.bindir / "initdb"),
-                "-D",
-                str(self.data_dir),
-                "-U",
-                "postgres",
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-                "--no-sync",
-                "--no-locale",
-                "--encoding=UTF8",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=self.base,
-        )
-        if initdb.returncode != 0:
-            raise RuntimeError(f"initdb failed:\n{initdb.stdout}{initdb.stderr}")
-        self.start()
+    def _create_user_statement(self) -> str:
         quoted = self.password.replace("'", "''")
-        self.sql(f"CREATE ROLE {self.user} LOGIN PASSWORD '{quoted}'")
-        self.database = self.create_database()
+        return f"CREATE ROLE {self.user} LOGIN PASSWORD '{quoted}'"
 
     @staticmethod
     def _bindir() -> Path:
@@ -277,14 +321,11 @@ class PrivatePostgres(DatabaseServer):
         # SIGTERM is a "smart" shutdown that waits for every client to leave (forever, with a pool): SIGINT is fast.
         return signal.SIGINT
 
-    def start(self) -> None:
-        if self.running:
-            return
-        account = pwd.getpwnam("postgres")
+    def _spawn(self) -> subprocess.Popen[bytes]:
         with self.log_path().open("ab") as log:
             # Popen's user/group rather than runuser: runuser stays as a parent process, so signals for the
             # postmaster (SIGINT, SIGSTOP) would reach runuser instead. Here the Popen pid is the postmaster.
-            self.proc = subprocess.Popen(
+            return subprocess.Popen(
                 [
                     str(self.bindir / "postgres"),
                     "-D",
@@ -305,11 +346,10 @@ class PrivatePostgres(DatabaseServer):
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.base,
-                user=account.pw_uid,
-                group=account.pw_gid,
+                user=self.account.pw_uid,
+                group=self.account.pw_gid,
                 extra_groups=[],
             )
-        self._wait_ready(self._ready)
 
     def _ready(self) -> bool:
         # The postmaster writes "ready" on the 8th line of postmaster.pid once it accepts connections; before
@@ -326,36 +366,28 @@ class PrivatePostgres(DatabaseServer):
             return False
         return True
 
-    def sql(self, statement: str, database: str | None = None) -> list[tuple[str, ...]]:
-        result = subprocess.run(
-            [
-                str(self.bindir / "psql"),
-                "-h",
-                str(self.run_dir),
-                "-p",
-                str(self.port),
-                "-U",
-                "postgres",
-                "-d",
-                database or "postgres",
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-F",
-                "\t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                statement,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"psql failed on {statement!r}: {result.stderr.strip()}")
-        return [tuple(line.split("\t")) for line in result.stdout.splitlines() if line]
+    def _sql_command(self, statement: str, database: str | None) -> list[str]:
+        return [
+            str(self.bindir / "psql"),
+            "-h",
+            str(self.run_dir),
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-d",
+            database or "postgres",
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-F",
+            "\t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            statement,
+        ]
 
     def create_database(self) -> str:
         name = "mrt_" + secrets.token_hex(4)
@@ -366,27 +398,8 @@ class PrivatePostgres(DatabaseServer):
         # FORCE: a store the test forgot to close must not keep the database alive.
         self.sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
-    def store_config(
-        self,
-        *,
-        database: str | None = None,
-        timeout: float = 5,
-        pool: PoolConfig | None = None,
-        password: str | None = None,
-    ) -> PostgresStoreConfig:
-        return PostgresStoreConfig(
-            type="postgresql",
-            database=database or self.database,
-            host=self.host,
-            port=self.port,
-            user=self.user,
-            password=Secret(self.password if password is None else password, "inline"),
-            timeout=Duration(timeout),
-            pool=pool or PoolConfig(),
-        )
 
-
-class PrivateMariadb(DatabaseServer):
+class PrivateMariadb(DatabaseServer[MysqlStoreConfig]):
     """A MariaDB made by mariadb-install-db in its own directory, no option files read (``--no-defaults``).
 
     The administrator (``root``, no password) connects over the Unix socket; the test account over TCP with its
@@ -395,6 +408,8 @@ class PrivateMariadb(DatabaseServer):
     """
 
     kind = "mariadb"
+    config_class = MysqlStoreConfig
+    store_type = "mysql"
 
     def __init__(self) -> None:
         account = _require_account("mysql")
@@ -402,38 +417,22 @@ class PrivateMariadb(DatabaseServer):
         self.client = require_tool("mariadb")
         install_db = require_tool("mariadb-install-db")
         super().__init__("mrmy")
-        self.data_dir = self.base / "data"
-        self.run_dir = self.base / "run"
         self.run_dir.mkdir(mode=0o750)
         os.chown(self.run_dir, account.pw_uid, account.pw_gid)
         self.socket_path = self.run_dir / "mysqld.sock"
-        try:
-            self._install(install_db)
-        except BaseException:
-            self.close()
-            raise
+        install = [
+            install_db,
+            "--no-defaults",
+            "--user=mysql",
+            f"--datadir={self.data_dir}",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ]
+        self._set_up("mariadb-install-db", install)
 
-    def _install(self, install_db: str) -> None:
-        install = subprocess.run(
-            [
-                install_db,
-                "--no-defaults",
-                "--user=mysql",
-                f"--datadir={self.data_dir}",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=self.base,
-        )
-        if install.returncode != 0:
-            raise RuntimeError(f"mariadb-install-db failed:\n{install.stdout}{install.stderr}")
-        self.start()
+    def _create_user_statement(self) -> str:
         quoted = self.password.replace("\\", "\\\\").replace("'", "\\'")
-        self.sql(f"CREATE USER '{self.user}'@'%' IDENTIFIED BY '{quoted}'")
-        self.database = self.create_database()
+        return f"CREATE USER '{self.user}'@'%' IDENTIFIED BY '{quoted}'"
 
     def log_path(self) -> Path:
         return self.run_dir / "error.log"
@@ -441,11 +440,9 @@ class PrivateMariadb(DatabaseServer):
     def _stop_signal(self) -> int:
         return signal.SIGTERM  # a normal shutdown, which disconnects clients
 
-    def start(self) -> None:
-        if self.running:
-            return
+    def _spawn(self) -> subprocess.Popen[bytes]:
         # mariadbd switches to --user itself; the Popen pid is the server (one process, many threads).
-        self.proc = subprocess.Popen(
+        return subprocess.Popen(
             [
                 self.mariadbd,
                 "--no-defaults",
@@ -467,7 +464,6 @@ class PrivateMariadb(DatabaseServer):
             stderr=subprocess.DEVNULL,
             cwd=self.base,
         )
-        self._wait_ready(self._ready)
 
     def _ready(self) -> bool:
         # mariadbd opens its socket and port only once it is ready for connections.
@@ -478,14 +474,11 @@ class PrivateMariadb(DatabaseServer):
             return False
         return True
 
-    def sql(self, statement: str, database: str | None = None) -> list[tuple[str, ...]]:
+    def _sql_command(self, statement: str, database: str | None) -> list[str]:
         command = [self.client, "--no-defaults", "-S", str(self.socket_path), "-uroot", "-N", "-B"]
         if database:
             command += ["-D", database]
-        result = subprocess.run([*command, "-e", statement], capture_output=True, text=True, timeout=30)
-        if result.returncode != 0:
-            raise RuntimeError(f"mariadb failed on {statement!r}: {result.stderr.strip()}")
-        return [tuple(line.split("\t")) for line in result.stdout.splitlines() if line]
+        return [*command, "-e", statement]
 
     def create_database(self) -> str:
         name = "mrt_" + secrets.token_hex(4)
@@ -495,25 +488,6 @@ class PrivateMariadb(DatabaseServer):
     def drop_database(self, name: str) -> None:
         self.sql(f"DROP DATABASE IF EXISTS {name}")
 
-    def store_config(
-        self,
-        *,
-        database: str | None = None,
-        timeout: float = 5,
-        pool: PoolConfig | None = None,
-        password: str | None = None,
-    ) -> MysqlStoreConfig:
-        return MysqlStoreConfig(
-            type="mysql",
-            database=database or self.database,
-            host=self.host,
-            port=self.port,
-            user=self.user,
-            password=Secret(self.password if password is None else password, "inline"),
-            timeout=Duration(timeout),
-            pool=pool or PoolConfig(),
-        )
-
 
 class ServerDatabase:
     """One fresh database on a private server, for one test: the server's interface, bound to that database.
@@ -521,7 +495,7 @@ class ServerDatabase:
     ``stop``, ``start`` and ``frozen`` act on the whole (session-wide) server.
     """
 
-    def __init__(self, server: DatabaseServer, database: str) -> None:
+    def __init__(self, server: PrivatePostgres | PrivateMariadb, database: str) -> None:
         self.server = server
         self.database = database
 
@@ -563,7 +537,7 @@ class ServerDatabase:
         return self.server.store_config(database=self.database, timeout=timeout, pool=pool, password=password)
 
 
-def _fresh_database(server: DatabaseServer) -> Iterator[ServerDatabase]:
+def _fresh_database(server: PrivatePostgres | PrivateMariadb) -> Iterator[ServerDatabase]:
     server.start()  # a test that stopped the server and failed before restarting it must not sink the next ones
     name = server.create_database()
     yield ServerDatabase(server, name)
