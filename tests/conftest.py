@@ -74,6 +74,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def server_toml(listeners: dict[str, str], state_dir: str = "{run}") -> str:
+    """The ``[server]`` table of a test daemon: run directory ``{run}``, state directory ``state_dir``, a Unix-socket
+    listener ``unix:NAME`` per name (name -> protocol), mode 0666 as Postfix and Dovecot connect unprivileged."""
+    text = f'[server]\nrun-dir = "{{run}}"\nstate-dir = "{state_dir}"\n'
+    for name, protocol in listeners.items():
+        text += f'[server.listener.{name}]\nprotocol = "{protocol}"\nbind = "unix:{name}"\n'
+        text += 'socket = { mode = "0666" }\n'
+    return text
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @dataclass
 class RunningDaemon:
     """A ``mailroster serve`` subprocess."""

@@ -127,3 +127,31 @@ class PrivateDovecot:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+DICT_AUTH_KEYS = """\
+iterate_prefix = userdb/
+key passdb {
+  key = passdb/%u
+  format = json
+}
+key userdb {
+  key = userdb/%u
+  format = json
+}
+passdb_objects = passdb
+userdb_objects = userdb
+"""
+
+
+def dict_auth_dovecot(base: Path, uri: str, *settings: str) -> PrivateDovecot:
+    """A Dovecot (in ``base/dc``, not started, serving no protocols) whose passdb and userdb are the dict at ``uri``:
+    records ``passdb/<user>`` and ``userdb/<user>`` in JSON, users listed under ``userdb/``. ``settings`` are more
+    lines of the args file, ``base/dict-auth.conf.ext``."""
+    args = base / "dict-auth.conf.ext"
+    args.write_text("".join(f"{line}\n" for line in (f"uri = {uri}", *settings)) + DICT_AUTH_KEYS)
+    return PrivateDovecot(
+        base / "dc",
+        f"protocols = none\npassdb {{\n  driver = dict\n  args = {args}\n}}\n"
+        f"userdb {{\n  driver = dict\n  args = {args}\n}}\n",
+    )

@@ -31,7 +31,7 @@ from mailroster.daemon.accounts import AccountService
 from mailroster.daemon.config import AuthConfig, LookupConfig, MasterUserConfig, UserdbConfig
 from mailroster.daemon.lookups import LookupService
 
-from conftest import MAILROSTER, RunningDaemon, require_tool
+from conftest import MAILROSTER, FakeClock, RunningDaemon, require_tool, server_toml
 from inprocess import FailingDirectory
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -75,19 +75,6 @@ PRINCIPALS = [
     Principal("plain", secrets=("plain-text-pw",), emails=("plain@example.org",)),
     Principal("local-only"),  # no address: {local} is its name, {domain} empty
 ]
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclasses.dataclass
@@ -612,14 +599,9 @@ def test_users_lists_the_individuals(run: Run) -> None:
 
 # The real daemon and doveadm.
 
-DAEMON_CONFIG = """
-[server]
-run-dir = "{run}"
-state-dir = "{run}"
-[server.listener.auth]
-protocol = "dovecot-auth"
-bind = "unix:auth"
-socket = { mode = "0666" }
+DAEMON_CONFIG = (
+    server_toml({"auth": "dovecot-auth"})
+    + """
 [auth]
 failure-delay = "0s"
 master = { user = "admin", secret = %(master)s }
@@ -636,6 +618,7 @@ name = "off"
 secret = %(jane)s
 enabled = false
 """
+)
 
 
 def doveadm_pw(doveadm: str, scheme: str, password: str) -> str:

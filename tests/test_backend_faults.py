@@ -22,7 +22,7 @@ from mailroster.backends.store_mysql import MysqlStore
 from mailroster.backends.store_postgresql import PostgresStore
 from mailroster.protocols.netstring import NetstringDecoder, encode_netstring
 
-from conftest import RunningDaemon, require_tool
+from conftest import RunningDaemon, require_tool, server_toml
 from ldapserver import CONTRACT_BASE, SERVICE_DN, SERVICE_PASSWORD, Slapd, SlapdFactory
 from sqldata import load_contract_data
 
@@ -35,21 +35,7 @@ MAPS = [
     (b"recipient bill@example.org", b"OK OK"),
     (b"quota jane", b"OK 1073741824"),
 ]
-LISTENERS = """
-[server]
-run-dir = "{run}"
-state-dir = "{run}"
-[server.listener.socketmap]
-protocol = "socketmap"
-bind = "unix:socketmap"
-socket = { mode = "0666" }
-[server.listener.auth]
-protocol = "dovecot-auth"
-bind = "unix:auth"
-socket = { mode = "0666" }
-[auth]
-failure-delay = "0s"
-"""
+LISTENERS = server_toml({"socketmap": "socketmap", "auth": "dovecot-auth"}) + '[auth]\nfailure-delay = "0s"\n'
 
 
 def toml_value(value: object) -> str:

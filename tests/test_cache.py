@@ -18,6 +18,8 @@ from mailroster.backends.errors import PermanentFailure, TemporaryFailure
 from mailroster.backends.model import Expansion, Mailbox, Principal, Recipient
 from mailroster.backends.settings import CacheConfig, CacheTtl, Duration
 
+from conftest import FakeClock
+
 POSITIVE_TTL = 3600
 NEGATIVE_TTL = 600
 
@@ -31,19 +33,6 @@ METHODS: dict[str, tuple[object, object]] = {
     "vrfy": (("jane@example.org",), ()),
     "expn": (("a@example.org", "b@example.org"), ()),
 }
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeDirectory(Directory):

@@ -14,14 +14,11 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
-from fastpath import transcript
 
 from mailroster.backends.outcome import AuthOutcome, AuthStatus, ScramCredentials
 from mailroster.protocols import dovecot_auth
@@ -36,10 +33,18 @@ from mailroster.protocols.dovecot_auth import (
     parse_command,
 )
 from mailroster.protocols.errors import BadRequest
-from mailroster.protocols.service import Connection
 
 from conftest import require_tool
 from servers import PrivatePostfix
+from sessionkit import (
+    Kept,
+    LineClient,
+    Observer,
+    loop_kind,  # noqa: F401 (a fixture: pytest finds it by name)
+    run,
+    serve,
+    transcript,
+)
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "dovecot" / "auth.json").read_text())
 WRITE_SIZES = (4096, 128, 16, 1)
@@ -112,96 +117,25 @@ class FakeAuth:
         return outcome, scram_keys(PASSWORDS[login.lower()], b"salt:" + login.encode(), 4096, hash_name)
 
 
-class Observer:
-    def __init__(self, accept: bool = True) -> None:
-        self.accept = accept
-        self.events: list[str] = []
-
-    def opened(self, conn: Connection) -> bool:
-        self.events.append("opened")
-        return self.accept
-
-    def closed(self, conn: Connection) -> None:
-        self.events.append("closed")
-
-    def idle(self, conn: Connection) -> None:
-        self.events.append("idle")
-
-
 # Running sessions.
 
-_LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-_loop_factory: list[Callable[[], asyncio.AbstractEventLoop]] = [asyncio.new_event_loop]
 
-
-@pytest.fixture(params=sorted(_LOOPS))
-def loop_kind(request: pytest.FixtureRequest) -> None:
-    """Session tests run under the stdlib loop and under uvloop (whose transports differ)."""
-    _loop_factory[0] = _LOOPS[request.param]
-
-
-def run(coro: Any) -> Any:
-    with asyncio.Runner(loop_factory=_loop_factory[0]) as runner:
-        return runner.run(asyncio.wait_for(coro, 30))
-
-
-@asynccontextmanager
-async def serve(factory: Callable[[], asyncio.Protocol], path: str | None = None) -> AsyncIterator[str]:
-    directory = tempfile.mkdtemp(prefix="mrda", dir="/tmp")
-    path = path or os.path.join(directory, "s")
-    server = await asyncio.get_running_loop().create_unix_server(factory, path)
-    os.chmod(path, 0o666)  # Postfix's smtpd connects as user postfix
-    try:
-        yield path
-    finally:
-        server.close()
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-class Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def connect(cls, path: str) -> Client:
-        return cls(*await asyncio.open_unix_connection(path))
-
-    async def send(self, *lines: str, size: int = 4096) -> None:
-        data = "".join(line + "\n" for line in lines).encode()
-        for i in range(0, len(data), size):
-            self.writer.write(data[i : i + size])
-            await self.writer.drain()
-            if size < 4096:
-                await asyncio.sleep(0)
-
-    async def line(self, timeout: float = 5) -> str:
-        data = await asyncio.wait_for(self.reader.readline(), timeout)
-        assert data.endswith(b"\n"), f"connection closed, got {data!r}"
-        return data[:-1].decode()
-
-    async def lines(self, count: int) -> list[str]:
-        return [await self.line() for _ in range(count)]
-
+class Client(LineClient):
     async def handshake(self, minor: int = 0) -> list[str]:
+        """Read the server's handshake up to DONE, answer it with VERSION and CPID; returns the lines read."""
         lines = [await self.line()]
         while lines[-1] != "DONE":
             lines.append(await self.line())
         await self.send(f"VERSION\t1\t{minor}", "CPID\t4242")
         return lines
 
-    async def rest(self, timeout: float = 5) -> bytes:
-        """Everything until the server closes."""
-        return await asyncio.wait_for(self.reader.read(), timeout)
-
     async def silent(self, seconds: float = 0.1) -> bool:
+        """Whether the server says nothing for ``seconds`` (closing is saying something)."""
         try:
             await asyncio.wait_for(self.reader.readline(), seconds)
         except TimeoutError:
             return True
         return False
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def b64(data: str | bytes) -> str:
@@ -870,18 +804,13 @@ def test_observer_hooks() -> None:
     async def main() -> None:
         service = FakeAuth()
         observer = Observer()
-        sessions: list[DovecotAuthSession] = []
-
-        def factory() -> DovecotAuthSession:
-            sessions.append(DovecotAuthSession(service, observer, failure_delay=0))
-            return sessions[-1]
-
+        factory = Kept(lambda: DovecotAuthSession(service, observer, failure_delay=0))
         async with serve(factory) as path:
             client = await Client.connect(path)
             await client.handshake()
             await client.send(f"AUTH\t1\tPLAIN\tservice=smtp\tresp={plain('slowalice@example.com', 'secret')}")
             await asyncio.sleep(0.05)
-            session = sessions[0]
+            session = factory.sessions[0]
             assert session.busy
             before = session.last_active
             assert observer.events == ["opened"]

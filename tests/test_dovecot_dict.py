@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 
 from mailroster.backends.errors import TemporaryFailure
 from mailroster.backends.outcome import (
@@ -46,10 +43,19 @@ from mailroster.protocols.dovecot_dict import (
     record_json,
 )
 from mailroster.protocols.errors import BadRequest
-from mailroster.protocols.service import Connection
 
 from conftest import require_tool
-from servers import PrivateDovecot
+from servers import dict_auth_dovecot
+from sessionkit import (
+    Kept,
+    LineClient,
+    Observer,
+    ScriptedService,
+    command,
+    loop_kind,  # noqa: F401 (a fixture: pytest finds it by name)
+    run,
+    serve,
+)
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "dovecot" / "dict.json").read_text())
 WRITE_SIZES = (4096, 128, 16, 1)
@@ -74,31 +80,21 @@ USERS = {
 LISTED = ["bob@example.com", "alice@example.com", "ghost@example.com", "sub/child@example.com", "nofields@example.com"]
 
 
-class FakeDirectory:
-    """A DictService. ``slow*`` keys and logins wait for ``release``."""
+class FakeDirectory(ScriptedService):
+    """A DictService: map lookups as :class:`ScriptedService`'s, and ``perm*`` and ``tab*`` keys; ``slow*`` logins
+    also wait for ``release``."""
 
     def cached_userdb(self, login: str) -> UserOutcome | None:
         return None  # no cache: every lookup takes the full path
 
     def __init__(self, listed: list[str] | None = None, name: str = "") -> None:
+        super().__init__()
         self.listed = LISTED if listed is None else listed
         self.name = name
-        self.release = asyncio.Event()
         self.list_fail_at: int | None = None
         self.userdb_delay = 0.0
-        self.calls: list[tuple[str, str]] = []
 
-    def cached(self, map_name: str, key: str) -> Outcome | None:
-        return Found(f"cached:{key}") if key.startswith("hit") else None
-
-    async def lookup(self, map_name: str, key: str) -> Outcome:
-        self.calls.append((map_name, key))
-        if key.startswith("slow"):
-            await self.release.wait()
-        if key.startswith("down"):
-            return TempFail("backend unavailable")
-        if key.startswith("none"):
-            return NOT_FOUND
+    def answer(self, map_name: str, key: str) -> Outcome:
         if key.startswith("perm"):
             return PermFail("no such map")
         if key.startswith("tab"):
@@ -136,85 +132,17 @@ class FakeDirectory:
             yield login
 
 
-class Observer:
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    def opened(self, conn: Connection) -> bool:
-        self.events.append("opened")
-        return True
-
-    def closed(self, conn: Connection) -> None:
-        self.events.append("closed")
-
-    def idle(self, conn: Connection) -> None:
-        self.events.append("idle")
-
-
 # Running sessions.
 
-_LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-_loop_factory: list[Callable[[], asyncio.AbstractEventLoop]] = [asyncio.new_event_loop]
 
-
-@pytest.fixture(params=sorted(_LOOPS))
-def loop_kind(request: pytest.FixtureRequest) -> None:
-    _loop_factory[0] = _LOOPS[request.param]
-
-
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    with asyncio.Runner(loop_factory=_loop_factory[0]) as runner:
-        runner.run(asyncio.wait_for(coro, 30))
-
-
-@asynccontextmanager
-async def serve(factory: Callable[[], asyncio.Protocol], path: str | None = None) -> AsyncIterator[str]:
-    directory = tempfile.mkdtemp(prefix="mrdd", dir="/tmp")
-    path = path or os.path.join(directory, "s")
-    server = await asyncio.get_running_loop().create_unix_server(factory, path)
-    try:
-        yield path
-    finally:
-        server.close()
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-class Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def connect(cls, path: str) -> Client:
-        return cls(*await asyncio.open_unix_connection(path, limit=1 << 20))
-
-    async def send(self, *lines: str, size: int = 4096) -> None:
-        data = "".join(line + "\n" for line in lines).encode()
-        for i in range(0, len(data), size):
-            self.writer.write(data[i : i + size])
-            await self.writer.drain()
-            if size < 4096:
-                await asyncio.sleep(0)
-
-    async def line(self, timeout: float = 5) -> str:
-        data = await asyncio.wait_for(self.reader.readline(), timeout)
-        assert data.endswith(b"\n"), f"connection closed, got {data!r}"
-        return data[:-1].decode()
-
-    async def lines(self, count: int) -> list[str]:
-        return [await self.line() for _ in range(count)]
-
-    async def rest(self, timeout: float = 5) -> bytes:
-        return await asyncio.wait_for(self.reader.read(), timeout)
-
+class Client(LineClient):
     async def silent(self, seconds: float = 0.2) -> bool:
+        """Whether the server says nothing for ``seconds`` (or closes)."""
         try:
             data = await asyncio.wait_for(self.reader.readline(), seconds)
         except TimeoutError:
             return True
         return data == b""
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def session(directory: FakeDirectory | None = None, observer: Observer | None = None) -> Callable[[], Any]:
@@ -538,12 +466,8 @@ def test_observer_and_busy() -> None:
     async def main() -> None:
         directory = FakeDirectory()
         observer = Observer()
-        sessions: list[DovecotDictSession] = []
-
-        def factory() -> DovecotDictSession:
-            sessions.append(DovecotDictSession({"auth": directory}, observer))
-            return sessions[-1]
-
+        factory = Kept(lambda: DovecotDictSession({"auth": directory}, observer))
+        sessions = factory.sessions
         async with serve(factory) as path:
             client = await Client.connect(path)
             await client.send(HELLO, "Lshared/mailbox/hit@example.com\t")
@@ -566,13 +490,6 @@ def test_observer_and_busy() -> None:
 
 
 # Real clients: doveadm, and a private Dovecot whose passdb and userdb are this dict (installed by .ci/run).
-
-
-async def command(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace")
 
 
 @pytest.mark.usefixtures("loop_kind")
@@ -606,23 +523,6 @@ def test_doveadm_dict() -> None:
     run(main())
 
 
-DICT_AUTH_CONF = """\
-uri = proxy:{socket}:auth
-default_pass_scheme = PLAIN
-iterate_prefix = userdb/
-key passdb {{
-  key = passdb/%u
-  format = json
-}}
-key userdb {{
-  key = userdb/%u
-  format = json
-}}
-passdb_objects = passdb
-userdb_objects = userdb
-"""
-
-
 @pytest.mark.usefixtures("loop_kind")
 def test_dovecot_passdb_and_userdb_dict() -> None:
     """PROTOCOLS.md's working 2.3 config: Dovecot authenticates, looks users up and lists them through the dict."""
@@ -630,13 +530,7 @@ def test_dovecot_passdb_and_userdb_dict() -> None:
     base = Path(tempfile.mkdtemp(prefix="mrdv", dir="/tmp"))
     base.chmod(0o755)
     socket_path = str(base / "dict")
-    (base / "dict-auth.conf.ext").write_text(DICT_AUTH_CONF.format(socket=socket_path))
-    args = base / "dict-auth.conf.ext"
-    dovecot = PrivateDovecot(
-        base / "dc",
-        f"protocols = none\npassdb {{\n  driver = dict\n  args = {args}\n}}\n"
-        f"userdb {{\n  driver = dict\n  args = {args}\n}}\n",
-    )
+    dovecot = dict_auth_dovecot(base, f"proxy:{socket_path}:auth", "default_pass_scheme = PLAIN")
 
     async def main() -> None:
         async with serve(session(), socket_path):

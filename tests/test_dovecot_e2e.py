@@ -20,9 +20,9 @@ import pytest
 
 from mailroster.backends import secrets
 
-from conftest import RunningDaemon, require_tool
+from conftest import RunningDaemon, require_tool, server_toml
 from inprocess import FailingDirectory, ThreadedDaemon
-from servers import PrivateDovecot, PrivatePostfix
+from servers import PrivatePostfix, dict_auth_dovecot
 
 SCHEMES = [
     "ARGON2I", "ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "MD5-CRYPT", "CRYPT", "DES-CRYPT",
@@ -63,22 +63,9 @@ def principals() -> str:
     return text
 
 
-CONFIG = """
-[server]
-run-dir = "{run}"
-state-dir = "{run}"
-[server.listener.auth]
-protocol = "dovecot-auth"
-bind = "unix:auth"
-socket = { mode = "0666" }
-[server.listener.userdb]
-protocol = "dovecot-master"
-bind = "unix:userdb"
-socket = { mode = "0666" }
-[server.listener.dict]
-protocol = "dovecot-dict"
-bind = "unix:dict"
-socket = { mode = "0666" }
+CONFIG = (
+    server_toml({"auth": "dovecot-auth", "userdb": "dovecot-master", "dict": "dovecot-dict"})
+    + """
 [auth]
 mechanisms = ["PLAIN", "LOGIN", "CRAM-MD5"]
 failure-delay = "0.2s"
@@ -93,6 +80,7 @@ directory = "main"
 [directory.main]
 type = "memory"
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -217,29 +205,8 @@ def test_postfix_smtpd_sasl_through_mailroster(daemon: RunningDaemon, short_tmp:
         postfix.stop()
 
 
-DICT_AUTH_CONF = """uri = proxy:idle_msecs=30000:{socket}:main
-iterate_prefix = userdb/
-key passdb {{
-  key = passdb/%u
-  format = json
-}}
-key userdb {{
-  key = userdb/%u
-  format = json
-}}
-passdb_objects = passdb
-userdb_objects = userdb
-"""
-
-
 def test_dovecot_with_mailroster_as_dict_passdb_and_userdb(daemon: RunningDaemon, short_tmp: Path) -> None:
-    args = short_tmp / "dict-auth.conf.ext"
-    args.write_text(DICT_AUTH_CONF.format(socket=daemon.socket("dict")))
-    dovecot = PrivateDovecot(
-        short_tmp / "dc",
-        f"protocols = none\npassdb {{\n  driver = dict\n  args = {args}\n}}\n"
-        f"userdb {{\n  driver = dict\n  args = {args}\n}}\n",
-    ).start()
+    dovecot = dict_auth_dovecot(short_tmp, f"proxy:idle_msecs=30000:{daemon.socket('dict')}:main").start()
     try:
         client = str(dovecot.base_dir / "auth-client")
         userdb = str(dovecot.base_dir / "auth-userdb")

@@ -7,16 +7,11 @@ import asyncio
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
-import uvloop
-from fastpath import transcript
 
 from mailroster.backends.errors import TemporaryFailure
 from mailroster.backends.outcome import NOT_FOUND, TempFail, UserFields, UserOutcome
@@ -32,9 +27,18 @@ from mailroster.protocols.dovecot_master import (
     wildcard_match,
 )
 from mailroster.protocols.errors import BadRequest
-from mailroster.protocols.service import Connection
 
 from conftest import require_tool
+from sessionkit import (
+    Kept,
+    LineClient,
+    Observer,
+    command,
+    loop_kind,  # noqa: F401 (a fixture: pytest finds it by name)
+    run,
+    serve,
+    transcript,
+)
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "dovecot" / "master.json").read_text())
 WRITE_SIZES = (4096, 128, 16, 1)
@@ -101,81 +105,18 @@ class FakeUsers:
             yield login
 
 
-class Observer:
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    def opened(self, conn: Connection) -> bool:
-        self.events.append("opened")
-        return True
-
-    def closed(self, conn: Connection) -> None:
-        self.events.append("closed")
-
-    def idle(self, conn: Connection) -> None:
-        self.events.append("idle")
-
-
 # Running sessions.
 
-_LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-_loop_factory: list[Callable[[], asyncio.AbstractEventLoop]] = [asyncio.new_event_loop]
 
-
-@pytest.fixture(params=sorted(_LOOPS))
-def loop_kind(request: pytest.FixtureRequest) -> None:
-    _loop_factory[0] = _LOOPS[request.param]
-
-
-def run(coro: Any) -> Any:
-    with asyncio.Runner(loop_factory=_loop_factory[0]) as runner:
-        return runner.run(asyncio.wait_for(coro, 30))
-
-
-@asynccontextmanager
-async def serve(factory: Callable[[], asyncio.Protocol]) -> AsyncIterator[str]:
-    directory = tempfile.mkdtemp(prefix="mrdm", dir="/tmp")
-    path = os.path.join(directory, "s")
-    server = await asyncio.get_running_loop().create_unix_server(factory, path)
-    try:
-        yield path
-    finally:
-        server.close()
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-class Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+class Client(LineClient):
+    """Reads and checks the server's greeting on connecting, unless told not to."""
 
     @classmethod
-    async def connect(cls, path: str, *, greeting: bool = True) -> Client:
-        client = cls(*await asyncio.open_unix_connection(path, limit=1 << 20))
+    async def connect(cls, path: str, *, greeting: bool = True) -> Self:
+        client = await super().connect(path)
         if greeting:
             assert await client.lines(2) == ["VERSION\t1\t1", f"SPID\t{os.getpid()}"]
         return client
-
-    async def send(self, *lines: str | bytes, size: int = 4096) -> None:
-        data = b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines)
-        for i in range(0, len(data), size):
-            self.writer.write(data[i : i + size])
-            await self.writer.drain()
-            if size < 4096:
-                await asyncio.sleep(0)
-
-    async def line(self, timeout: float = 5) -> str:
-        data = await asyncio.wait_for(self.reader.readline(), timeout)
-        assert data.endswith(b"\n"), f"connection closed, got {data!r}"
-        return data[:-1].decode()
-
-    async def lines(self, count: int) -> list[str]:
-        return [await self.line() for _ in range(count)]
-
-    async def rest(self, timeout: float = 5) -> bytes:
-        return await asyncio.wait_for(self.reader.read(), timeout)
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 # Sans-IO.
@@ -516,12 +457,8 @@ def test_observer_and_busy() -> None:
     async def main() -> None:
         service = FakeUsers()
         observer = Observer()
-        sessions: list[DovecotMasterSession] = []
-
-        def factory() -> DovecotMasterSession:
-            sessions.append(DovecotMasterSession(service, observer))
-            return sessions[-1]
-
+        factory = Kept(lambda: DovecotMasterSession(service, observer))
+        sessions = factory.sessions
         async with serve(factory) as path:
             client = await Client.connect(path)
             await client.send("VERSION\t1\t0", "USER\t1\tslowbob@example.com\tservice=lmtp")
@@ -545,12 +482,8 @@ def test_observer_and_busy() -> None:
 def test_close_cancels_what_is_in_flight() -> None:
     async def main() -> None:
         service = FakeUsers()
-        sessions: list[DovecotMasterSession] = []
-
-        def factory() -> DovecotMasterSession:
-            sessions.append(DovecotMasterSession(service))
-            return sessions[-1]
-
+        factory = Kept(lambda: DovecotMasterSession(service))
+        sessions = factory.sessions
         async with serve(factory) as path:
             client = await Client.connect(path)
             await client.send("VERSION\t1\t0", "USER\t1\tslowbob@example.com\tservice=lmtp")
@@ -565,13 +498,6 @@ def test_close_cancels_what_is_in_flight() -> None:
 
 
 # A real client: doveadm (installed by .ci/run).
-
-
-async def command(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace")
 
 
 @pytest.mark.usefixtures("loop_kind")

@@ -6,20 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, server_toml
 from inprocess import FailingDirectory, ThreadedDaemon
 
 DATA = Path(__file__).parent / "data" / "directory.toml"
 
-LISTENERS = """
-[server]
-run-dir = "{run}"
-state-dir = "{run}"
-[server.listener.socketmap]
-protocol = "socketmap"
-bind = "unix:socketmap"
-socket = { mode = "0666" }
-"""
+LISTENERS = server_toml({"socketmap": "socketmap"})
 TCP_MAPS = ("domain", "mailbox", "alias", "sender", "recipient", "quota")
 
 # (map, key, expected value or None for not found)

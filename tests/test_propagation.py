@@ -19,20 +19,9 @@ import pytest
 
 from mailroster.protocols.netstring import NetstringDecoder, encode_netstring
 
-from conftest import MAILROSTER, RunningDaemon, require_tool
+from conftest import MAILROSTER, RunningDaemon, require_tool, server_toml
 
 DAEMON = """
-[server]
-run-dir = "{{run}}"
-state-dir = "{state}"
-[server.listener.socketmap]
-protocol = "socketmap"
-bind = "unix:socketmap"
-socket = {{ mode = "0666" }}
-[server.listener.auth]
-protocol = "dovecot-auth"
-bind = "unix:auth"
-socket = {{ mode = "0666" }}
 [auth]
 failure-delay = "0s"
 [storage]
@@ -45,6 +34,12 @@ entries = {entries}
 ttl = {{ positive = "1h", negative = "1h" }}
 {store}
 """
+
+
+def daemon_toml(state_dir: Path, entries: int, store: str) -> str:
+    """Socketmap and Dovecot auth on the internal directory in ``store``, caching ``entries`` for an hour."""
+    listeners = {"socketmap": "socketmap", "auth": "dovecot-auth"}
+    return server_toml(listeners, state_dir=str(state_dir)) + DAEMON.format(entries=entries, store=store)
 
 
 def store_toml(kind: str, request: pytest.FixtureRequest) -> str:
@@ -89,7 +84,7 @@ def test_two_daemons_on_postgresql_see_cli_changes_within_a_second(
     daemon_factory, short_tmp: Path, request: pytest.FixtureRequest
 ) -> None:  # type: ignore[no-untyped-def]
     doveadm = require_tool("doveadm")
-    text = DAEMON.format(state=short_tmp, entries=10000, store=store_toml("postgresql", request))
+    text = daemon_toml(short_tmp, 10000, store_toml("postgresql", request))
     config = short_tmp / "cli.toml"
     config.write_text(text.replace("{run}", str(short_tmp / "clirun")))
     cli(config, "domain", "add", "example.org")
@@ -124,7 +119,7 @@ def test_lookups_during_cli_writes_see_before_or_after_never_a_failure(
     daemon_factory, short_tmp: Path, request: pytest.FixtureRequest, kind: str
 ) -> None:  # type: ignore[no-untyped-def]
     """With the cache off every lookup reads the store while the CLI swaps alice's aliases in transactions."""
-    text = DAEMON.format(state=short_tmp, entries=0, store=store_toml(kind, request))
+    text = daemon_toml(short_tmp, 0, store_toml(kind, request))
     config = short_tmp / "cli.toml"
     config.write_text(text.replace("{run}", str(short_tmp / "clirun")))
     cli(config, "domain", "add", "example.org")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DaemonLauncher, RunningDaemon, require_tool
+from conftest import DaemonLauncher, RunningDaemon, require_tool, server_toml
 from servers import PrivatePostfix
 
 PASSWORD = "Correct-Horse-7"
@@ -44,14 +44,9 @@ WRONG = "Wrong-Horse-7"
 UTF8_PASSWORD = "Grüße-Straße-7"
 APP_MESSAGE = "Subject: SCRAM through Postfix\n\nsent by msmtp after AUTH SCRAM-SHA-256\n"
 
-CONFIG = """
-[server]
-run-dir = "{run}"
-state-dir = "{run}"
-[server.listener.auth]
-protocol = "dovecot-auth"
-bind = "unix:auth"
-socket = { mode = "0666" }  # Postfix's smtpd connects as user postfix
+CONFIG = (
+    server_toml({"auth": "dovecot-auth"})
+    + """
 [auth]
 mechanisms = MECHANISMS
 failure-delay = "0s"
@@ -60,6 +55,7 @@ directory = "main"
 [directory.main]
 type = "memory"
 """
+)
 ALL_MECHANISMS = ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"]
 NO_SCRAM = ["PLAIN", "LOGIN", "CRAM-MD5"]
 DISABLED = "u-off"

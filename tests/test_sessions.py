@@ -3,51 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 
 import pytest
-import uvloop
 
-from mailroster.backends.outcome import NOT_FOUND, Found, Outcome, TempFail
 from mailroster.protocols.netstring import NetstringDecoder, encode_netstring
-from mailroster.protocols.session import RequestReplySession
 from mailroster.protocols.socketmap import SocketmapSession
 from mailroster.protocols.tcptable import TcpTableSession
 
-
-class ScriptedService:
-    """Answers ``<map>/<key>``: ``slow*`` keys wait for ``release``, ``down*`` keys fail, others echo the key."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.calls: list[tuple[str, str]] = []
-
-    def cached(self, map_name: str, key: str) -> Outcome | None:
-        return Found(f"cached:{key}") if key.startswith("hit") else None
-
-    async def lookup(self, map_name: str, key: str) -> Outcome:
-        self.calls.append((map_name, key))
-        if key.startswith("slow"):
-            await self.release.wait()
-        if key.startswith("down"):
-            return TempFail("backend unavailable")
-        if key.startswith("none"):
-            return NOT_FOUND
-        return Found(f"{map_name}:{key}")
-
-
-@asynccontextmanager
-async def serve(factory: Callable[[], RequestReplySession]) -> AsyncIterator[str]:
-    path = os.path.join(tempfile.mkdtemp(prefix="mrs", dir="/tmp"), "s")
-    server = await asyncio.get_running_loop().create_unix_server(factory, path)
-    try:
-        yield path
-    finally:
-        server.close()
-        os.unlink(path)
+from sessionkit import (
+    Kept,
+    ScriptedService,
+    loop_kind,  # noqa: F401 (a fixture: pytest finds it by name)
+    run,
+    serve,
+)
 
 
 async def read_netstrings(reader: asyncio.StreamReader, count: int) -> list[bytes]:
@@ -61,19 +30,7 @@ async def read_netstrings(reader: asyncio.StreamReader, count: int) -> list[byte
     return frames
 
 
-_LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-_loop_factory: list[Callable[[], asyncio.AbstractEventLoop]] = [asyncio.new_event_loop]
-
-
-@pytest.fixture(autouse=True, params=sorted(_LOOPS))
-def event_loop_kind(request: pytest.FixtureRequest) -> None:
-    """Every session test runs under the stdlib loop and under uvloop (whose transports differ)."""
-    _loop_factory[0] = _LOOPS[request.param]
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    with asyncio.Runner(loop_factory=_loop_factory[0]) as runner:
-        return runner.run(asyncio.wait_for(coro, 20))
+pytestmark = pytest.mark.usefixtures("loop_kind")  # every session test, under the stdlib loop and uvloop
 
 
 def test_socketmap_replies_in_order_when_pipelined() -> None:
@@ -171,12 +128,8 @@ def test_tcp_table_session() -> None:
 def test_half_closed_connection_gets_its_answers_then_closes() -> None:
     async def main() -> None:
         service = ScriptedService()
-        sessions: list[SocketmapSession] = []
-
-        def factory() -> SocketmapSession:
-            sessions.append(SocketmapSession(service))
-            return sessions[-1]
-
+        factory = Kept(lambda: SocketmapSession(service))
+        sessions = factory.sessions
         async with serve(factory) as path:
             reader, writer = await asyncio.open_unix_connection(path)
             writer.write(encode_netstring(b"mailbox slow"))
@@ -188,16 +141,14 @@ def test_half_closed_connection_gets_its_answers_then_closes() -> None:
             assert not sessions[0].busy
             writer.close()
 
+    run(main())
+
 
 def test_connection_lost_cancels_pending_lookups() -> None:
     async def main() -> None:
         service = ScriptedService()
-        sessions: list[SocketmapSession] = []
-
-        def factory() -> SocketmapSession:
-            sessions.append(SocketmapSession(service))
-            return sessions[-1]
-
+        factory = Kept(lambda: SocketmapSession(service))
+        sessions = factory.sessions
         async with serve(factory) as path:
             _, writer = await asyncio.open_unix_connection(path)
             writer.write(encode_netstring(b"mailbox slow"))
