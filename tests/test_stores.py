@@ -166,6 +166,10 @@ def test_insert_and_select(backend: Backend) -> None:
         assert rows.rows == [(None,)]
         # No rows still names the columns (asyncpg's fetch alone would not).
         assert await store.query("SELECT id, name FROM accounts WHERE name = $1", "nobody") == Rows(("id", "name"), [])
+        # Again, once the store has seen the query (SQLite remembers column names per query), and after rows.
+        assert await store.query("SELECT id, name FROM accounts WHERE name = $1", "nobody") == Rows(("id", "name"), [])
+        assert (await store.query("SELECT name, id FROM accounts WHERE name = $1", "jane")).columns == ("name", "id")
+        assert await store.query("SELECT name, id FROM accounts WHERE name = $1", "x") == Rows(("name", "id"), [])
         # Beyond the BMP: MariaDB needs utf8mb4 for this, on the connection and in the table.
         assert await store.execute(INSERT, 4, "zoë 📬", "zoe@example.net", 1) == 1
         assert (await store.query("SELECT name FROM accounts WHERE id = $1", 4)).rows == [("zoë 📬",)]
