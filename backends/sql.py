@@ -30,7 +30,7 @@ Every value is a bound parameter; a query that is not configured answers "nothin
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -102,6 +102,28 @@ def _text(value: object) -> str:
     return "" if value is None else str(value)
 
 
+def _first_row(rows: Rows) -> Callable[[str], Any]:
+    """A reader of the first row's configured columns: ``None`` for a column not configured or not in the result."""
+    row = rows.rows[0]
+
+    def col(key: str) -> Any:
+        index = rows.column(key) if key else None
+        return row[index] if index is not None else None
+
+    return col
+
+
+def _first_address(values: list[str]) -> str | None:
+    """The first of ``values`` that is an address, normalised (principal()'s primary, from the same values)."""
+    for value in values:
+        if value:
+            try:
+                return normalize_address(value)
+            except ValueError:
+                continue
+    return None
+
+
 def _first_column(rows: Rows) -> list[str]:
     return [_text(row[0]) for row in rows.rows if row and row[0] is not None]
 
@@ -144,12 +166,7 @@ class SqlDirectory(Directory):
         rows = await self.store.query(self._q.name, name)
         if not rows.rows:
             return None
-        row = rows.rows[0]
-
-        def col(key: str) -> Any:
-            index = rows.column(key) if key else None
-            return row[index] if index is not None else None
-
+        col = _first_row(rows)
         # Stalwart's rule: a class that is none of the known words leaves the default, individual.
         kind = _CLASSES.get(_text(col(self._c.class_)).lower(), PrincipalType.INDIVIDUAL)
         canonical = _text(col("name")) or name
@@ -184,15 +201,31 @@ class SqlDirectory(Directory):
             members=members,
         )
 
+    async def _individual(self, name: str) -> tuple[str, str | None] | None:
+        """(canonical name, primary address) of ``name`` if it is an individual: what :meth:`principal` would say of
+        it, from the name query and, only when that has no usable address, the emails query (two queries at most,
+        not principal()'s four or five)."""
+        rows = await self.store.query(self._q.name, name)
+        if not rows.rows:
+            return None
+        col = _first_row(rows)
+        if _CLASSES.get(_text(col(self._c.class_)).lower(), PrincipalType.INDIVIDUAL) is not PrincipalType.INDIVIDUAL:
+            return None
+        canonical = (_text(col("name")) or name).lower()
+        primary = _first_address([_text(col(self._c.email))])
+        if primary is None:
+            primary = _first_address(await self._values(self._q.emails, name))
+        return canonical, primary
+
     async def recipient(self, address: str) -> Recipient | None:
         names = [n.lower() for n in await self._values(self._q.recipients, address)]
-        individuals = []
+        individuals: dict[str, str | None] = {}
         for name in names:
-            principal = await self.principal(name)
-            if principal is not None and principal.type is PrincipalType.INDIVIDUAL:
-                individuals.append(principal.name)
+            found = await self._individual(name)
+            if found is not None:
+                individuals.setdefault(*found)
         if individuals:
-            return Mailbox(tuple(dict.fromkeys(individuals)))
+            return Mailbox(tuple(individuals), tuple(individuals.values()))
         expanded = [normalize_address(a) for a in await self._targets(address) if "@" in a]
         if expanded:
             return Expansion(tuple(dict.fromkeys(expanded)))
