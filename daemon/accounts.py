@@ -61,12 +61,17 @@ class AccountService:
     """Authentication and user records from one directory (usually a :class:`CachedDirectory`)."""
 
     def __init__(self, directory: Directory, lookups: LookupService, auth: AuthConfig, userdb: UserdbConfig) -> None:
-        self.directory = directory
         self.lookups = lookups
+        self._auth_mac_state = hashlib.blake2b(key=os.urandom(32), digest_size=16)
+        self.rebind(directory, auth, userdb)
+
+    def rebind(self, directory: Directory, auth: AuthConfig, userdb: UserdbConfig) -> None:
+        """Serve from ``directory`` with these settings from now on (a reload): sessions keep this object. Logins
+        cached before are forgotten with the old directory's cache."""
+        self.directory = directory
         self._auth = auth
         self._userdb = userdb
         self._cache = directory if isinstance(directory, CachedDirectory) else None
-        self._auth_mac_state = hashlib.blake2b(key=os.urandom(32), digest_size=16)
         separator = auth.master_separator
         self._master_separator = separator.encode() if auth.master is not None and separator else None
         # login -> (principal, its userdb reply): rendering the templates is most of a cached USER lookup's cost.

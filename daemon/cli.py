@@ -21,7 +21,7 @@ from .accounts import AccountService
 from .config import MAP_NAMES, Config, ConfigError, load_config
 from .directories import build_directories, build_directory
 from .lookups import LookupService
-from .server import Daemon, StartupError, check_listeners
+from .server import Daemon, StartupError
 
 log = logging.getLogger("mailroster")
 
@@ -98,10 +98,7 @@ def _load(paths: Sequence[str]) -> Config | None:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return None
-    problems = check_listeners(config)
-    for line in problems:
-        print(f"{config.sources[0] if config.sources else '-'}: {line}", file=sys.stderr)
-    return None if problems else config
+    return config
 
 
 def _setup_logging(level: str) -> None:
@@ -131,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EX_CONFIG
 
     async def run() -> None:
-        daemon = Daemon(config, build_directories(config))
+        daemon = Daemon(config, build_directories(config), load=lambda: load_config(args.config))
         await daemon.serve_forever()
 
     try:

@@ -268,6 +268,22 @@ class AuthConfig:
     master_separator: str = "*"
 
 
+PolicyMode = Literal["reject", "defer", "warn", "off"]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """``[policy]``: the checks a ``policy`` listener (Postfix ``check_policy_service``) makes, each ``reject``,
+    ``defer``, ``warn`` (Postfix logs it, the mail goes on) or ``off``; ``tempfail``: when the directory is down,
+    answer ``DEFER`` (``defer``) or close without a reply (``close``: Postfix retries, then applies its
+    ``smtpd_policy_service_default_action``)."""
+
+    sender_login_mismatch: PolicyMode = "reject"
+    unknown_recipient: PolicyMode = "reject"
+    unauthenticated_local_sender: PolicyMode = "warn"
+    tempfail: Literal["defer", "close"] = "defer"
+
+
 @dataclass(frozen=True, slots=True)
 class UserdbConfig:
     """``[userdb]``: templates of the userdb fields; empty ones are left out of replies. ``quota-rule`` empty means
@@ -290,6 +306,7 @@ class Config:
     lookup: LookupConfig = field(default_factory=LookupConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     userdb: UserdbConfig = field(default_factory=UserdbConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     directory: dict[str, Any] = field(
         default_factory=dict, metadata={"registry": _Registry("directory", DIRECTORY_TYPES)}
     )

@@ -46,12 +46,7 @@ class LookupService:
     """Answers every lookup map from one directory (usually a :class:`CachedDirectory`)."""
 
     def __init__(self, directory: Directory, config: LookupConfig) -> None:
-        # Answers are cached whole; they are computed from the backend itself (see the module docstring).
-        self._cache = directory if isinstance(directory, CachedDirectory) else None
-        self.directory = directory.inner if isinstance(directory, CachedDirectory) else directory
-        self._separator = config.separator if config.subaddressing else ""
-        self._catch_all = config.catch_all
-        self._mailbox_path = config.mailbox_path
+        self.rebind(directory, config)
         self._maps: dict[str, Callable[[str], Awaitable[Outcome]]] = {
             "domain": self._domain,
             "mailbox": self._mailbox,
@@ -63,6 +58,15 @@ class LookupService:
         assert set(self._maps) == set(MAP_NAMES)
         # Cache namespaces, apart from those of the Directory methods.
         self._kinds = {name: f"map.{name}" for name in self._maps}
+
+    def rebind(self, directory: Directory, config: LookupConfig) -> None:
+        """Answer from ``directory`` as ``config`` says from now on (a reload): sessions keep this object."""
+        # Answers are cached whole; they are computed from the backend itself (see the module docstring).
+        self._cache = directory if isinstance(directory, CachedDirectory) else None
+        self.directory = directory.inner if isinstance(directory, CachedDirectory) else directory
+        self._separator = config.separator if config.subaddressing else ""
+        self._catch_all = config.catch_all
+        self._mailbox_path = config.mailbox_path
 
     def cached(self, map_name: str, key: str) -> Outcome | None:
         """The cached answer, if there is a fresh one: synchronous, for the protocols' hot path."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import grp
 import logging
 import os
@@ -17,28 +19,30 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any, assert_never
 
 from mailroster.backends.cache import CachedDirectory
 from mailroster.backends.directory import Directory
-from mailroster.backends.errors import PermanentFailure, TemporaryFailure
+from mailroster.backends.errors import DirectoryError, PermanentFailure, TemporaryFailure
 from mailroster.protocols.dovecot_auth import DovecotAuthSession
 from mailroster.protocols.dovecot_dict import DovecotDictSession
 from mailroster.protocols.dovecot_master import DovecotMasterSession
+from mailroster.protocols.policy import PolicySession
 from mailroster.protocols.service import Connection
 from mailroster.protocols.socketmap import SocketmapSession
 from mailroster.protocols.tcptable import TcpTableSession
 
 from . import systemd
 from .accounts import AccountService
-from .config import AuthConfig, Config, ListenerConfig, parse_bind, resolve_path
+from .config import AuthConfig, Config, ConfigError, ListenerConfig, PolicyConfig, parse_bind, resolve_path
+from .directories import build_directories
 from .lookups import LookupService
+from .policy import PolicyService
 
 log = logging.getLogger(__name__)
 
-#: Protocols this version serves; the others (policy) are accepted by the configuration schema for later versions.
-AVAILABLE_PROTOCOLS = ("socketmap", "tcp-table", "dovecot-auth", "dovecot-master", "dovecot-dict")
 LISTEN_BACKLOG = 1024
 SWEEP_INTERVAL = 1.0
 #: How long start-up waits for a directory to check its schema before going on without it.
@@ -46,16 +50,7 @@ OPEN_TIMEOUT = 10.0
 
 
 class StartupError(Exception):
-    """The daemon cannot start as configured (a socket in use, a missing group, an unavailable protocol)."""
-
-
-def check_listeners(config: Config) -> list[str]:
-    """Problems with the listeners that the configuration schema cannot see; empty when all can be served."""
-    return [
-        f"server.listener.{name}.protocol: {listener.protocol!r} is not available in this version"
-        for name, listener in config.server.listener.items()
-        if listener.protocol not in AVAILABLE_PROTOCOLS
-    ]
+    """The daemon cannot start as configured (a socket in use, a missing group, a missing systemd socket)."""
 
 
 class ServerState:
@@ -125,34 +120,41 @@ class ListenerObserver:
             conn.close()
 
 
-def _protocol_factory(
+def _session(
     listener: ListenerConfig,
     *,
     directory: str,
     services: dict[str, LookupService],
     accounts: dict[str, AccountService],
+    policies: dict[str, PolicyService],
     auth: AuthConfig,
+    policy: PolicyConfig,
     observer: ListenerObserver,
-) -> Callable[[], asyncio.Protocol]:
-    """The factory of one listener's sessions: one protocol class serves every listener of its protocol."""
+) -> asyncio.Protocol:
+    """A session of one listener, for a new connection: made with the settings in force when it is accepted."""
     service, account = services[directory], accounts[directory]
     match listener.protocol:
         case "socketmap":
-            return lambda: SocketmapSession(service, observer)
+            return SocketmapSession(service, observer)
         case "tcp-table":
-            map_name = listener.map or "mailbox"
-            return lambda: TcpTableSession(service, map_name, observer)
+            return TcpTableSession(service, listener.map or "mailbox", observer)
+        case "policy":
+            return PolicySession(policies[directory], observer, tempfail_close=policy.tempfail == "close")
         case "dovecot-auth":
-            delay, close, timeout = float(auth.failure_delay), auth.tempfail == "close", float(auth.request_timeout)
-            return lambda: DovecotAuthSession(
-                account, observer, failure_delay=delay, tempfail_close=close, request_timeout=timeout
+            return DovecotAuthSession(
+                account,
+                observer,
+                failure_delay=float(auth.failure_delay),
+                tempfail_close=auth.tempfail == "close",
+                request_timeout=float(auth.request_timeout),
             )
         case "dovecot-master":
-            return lambda: DovecotMasterSession(account, observer)
+            return DovecotMasterSession(account, observer)
         case "dovecot-dict":
             # The dict name Dovecot sends in HELLO picks the directory: proxy:<socket>:<directory id>.
-            return lambda: DovecotDictSession(accounts, observer)
-    raise StartupError(f"protocol {listener.protocol!r} is not available in this version")
+            return DovecotDictSession(accounts, observer)
+        case _:
+            assert_never(listener.protocol)
 
 
 def _lookup_id(name: str, kind: str) -> int:
@@ -211,25 +213,47 @@ def bind_unix(path: str, mode: int, owner: str, group: str) -> socket.socket:
 class Daemon:
     """Everything ``mailroster serve`` runs: directories, lookup services, listeners, signals."""
 
-    def __init__(self, config: Config, directories: dict[str, Directory]) -> None:
+    def __init__(
+        self, config: Config, directories: dict[str, Directory], *, load: Callable[[], Config] | None = None
+    ) -> None:
+        """``load`` reads the configuration again, for a reload (SIGHUP); without it a reload changes nothing."""
         self.config = config
-        self.directories = directories
+        self.directories: dict[str, Directory] = {}
         self.state = ServerState(config.server.max_connections)
-        self.services = {name: LookupService(d, config.lookup) for name, d in directories.items()}
-        self.accounts = {
-            name: AccountService(d, self.services[name], config.auth, config.userdb) for name, d in directories.items()
-        }
+        # Per directory name, for as long as the daemon runs: sessions keep these objects, a reload rebinds them.
+        self.services: dict[str, LookupService] = {}
+        self.accounts: dict[str, AccountService] = {}
+        self.policies: dict[str, PolicyService] = {}
+        self._bind_services(config, directories)
+        self._load = load
+        self._reloading = asyncio.Lock()
+        self._retired: list[Directory] = []  # replaced by a reload, closed once in-flight requests are done
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[tuple[str, int]] = []  # (path, inode) to remove on stop, if still ours
         self._stop = asyncio.Event()
         self._force = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
 
-    async def open_directories(self) -> None:
+    def _bind_services(self, config: Config, directories: dict[str, Directory]) -> None:
+        """Serve ``directories`` under ``config`` from now on: new service objects for new names, the same ones
+        rebound for names already served. A name no longer configured keeps its services (its connections may
+        still use them) on its old directory."""
+        for name, directory in directories.items():
+            if name in self.services:
+                self.services[name].rebind(directory, config.lookup)
+                self.accounts[name].rebind(directory, config.auth, config.userdb)
+                self.policies[name].rebind(config.policy)
+            else:
+                self.services[name] = LookupService(directory, config.lookup)
+                self.accounts[name] = AccountService(directory, self.services[name], config.auth, config.userdb)
+                self.policies[name] = PolicyService(self.services[name], config.policy)
+        self.directories = {**self.directories, **directories}
+
+    async def open_directories(self, directories: dict[str, Directory] | None = None) -> None:
         """Let directories that keep a schema (the internal directory) create or check it now, so that a schema
         newer than this code stops start-up. A database that is down does not: the daemon starts and answers
         temporary failures until it is back."""
-        for name, directory in self.directories.items():
+        for name, directory in (self.directories if directories is None else directories).items():
             backend = directory.inner if isinstance(directory, CachedDirectory) else directory
             opener = getattr(backend, "open", None)
             if opener is None:
@@ -249,16 +273,8 @@ class Daemon:
         server_cfg = self.config.server
         try:
             for name, listener in server_cfg.listener.items():
-                directory = listener.directory or self.config.storage.directory
                 idle = float(listener.idle_timeout if listener.idle_timeout is not None else server_cfg.idle_timeout)
-                factory = _protocol_factory(
-                    listener,
-                    directory=directory,
-                    services=self.services,
-                    accounts=self.accounts,
-                    auth=self.config.auth,
-                    observer=self.state.observer(idle),
-                )
+                factory = functools.partial(self._new_session, listener, self.state.observer(idle))
                 server = await self._bind(name, listener, factory, inherited)
                 self._servers.append(server)
                 log.info("listening listener=%s protocol=%s bind=%s", name, listener.protocol, listener.bind)
@@ -269,6 +285,80 @@ class Daemon:
         interval = systemd.watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(self._watchdog(interval)))
+
+    def _new_session(self, listener: ListenerConfig, observer: ListenerObserver) -> asyncio.Protocol:
+        config = self.config
+        return _session(
+            listener,
+            directory=listener.directory or config.storage.directory,
+            services=self.services,
+            accounts=self.accounts,
+            policies=self.policies,
+            auth=config.auth,
+            policy=config.policy,
+            observer=observer,
+        )
+
+    async def reload(self) -> bool:
+        """Read the configuration again and serve from new directories, without dropping a connection (SIGHUP).
+
+        Everything but ``[server]`` is applied: directories, stores and their caches are built anew (so every
+        cached answer is dropped), and the lookup, auth, userdb and policy settings take effect for every
+        connection, new or open. ``[server]`` (listeners, paths, limits) needs a restart. A configuration with
+        errors, or a directory that cannot be opened, changes nothing: the daemon goes on as it was.
+        """
+        async with self._reloading:
+            if self._load is None:
+                log.warning("reload: the configuration was not read from files; nothing to reload")
+                return False
+            systemd.notify("RELOADING=1")
+            try:
+                return await self._reload(self._load)
+            finally:
+                systemd.notify("READY=1\nSTATUS=serving")
+
+    async def _reload(self, load: Callable[[], Config]) -> bool:
+        try:
+            config = load()
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error("reload: %s", line)
+            log.error("reload failed: the configuration has errors; still serving the previous one")
+            return False
+        try:
+            directories = build_directories(config)
+        except (ValueError, DirectoryError) as exc:
+            log.error("reload failed: %s; still serving the previous configuration", exc)
+            return False
+        try:
+            await self.open_directories(directories)
+        except StartupError as exc:
+            log.error("reload failed: %s; still serving the previous configuration", exc)
+            await self._close_directories(directories.values())
+            return False
+        if config.server != self.config.server:
+            log.warning("reload: [server] changed (listeners, paths or limits): it takes a restart to apply")
+        retired = [d for name, d in self.directories.items() if name in directories]
+        self._bind_services(config, directories)
+        self.config = dataclasses.replace(config, server=self.config.server)
+        self._retired.extend(retired)
+        self._spawn(self._retire(retired))
+        log.info("reloaded: %d directories from %d files", len(directories), len(config.sources))
+        return True
+
+    async def _retire(self, directories: list[Directory]) -> None:
+        """Close directories a reload replaced, once requests that were using them are done."""
+        await asyncio.sleep(float(self.config.server.shutdown_timeout))
+        await self._close_directories(directories)
+        self._retired = [d for d in self._retired if d not in directories]
+
+    @staticmethod
+    async def _close_directories(directories: Iterable[Directory]) -> None:
+        for directory in directories:
+            try:
+                await directory.close()
+            except Exception:
+                log.exception("closing a directory failed")
 
     async def _bind(
         self,
@@ -314,6 +404,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             await self.start()
             systemd.notify("READY=1\nSTATUS=serving")
@@ -323,8 +414,17 @@ class Daemon:
             systemd.notify("STOPPING=1")
             await self.shutdown()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: reloading the configuration")
+        self._spawn(self.reload())
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """A background task that shutdown cancels (done ones are forgotten here)."""
+        self._tasks = [task for task in self._tasks if not task.done()]
+        self._tasks.append(asyncio.get_running_loop().create_task(coro))
 
     async def shutdown(self) -> None:
         """Stop listening, let in-flight requests finish (up to shutdown-timeout), close directories."""
@@ -337,11 +437,7 @@ class Daemon:
             self.state.abort_all()
         for task in self._tasks:
             task.cancel()
-        for directory in self.directories.values():
-            try:
-                await directory.close()
-            except Exception:
-                log.exception("closing a directory failed")
+        await self._close_directories([*self.directories.values(), *self._retired])
 
     async def _close_listeners(self) -> None:
         # Server.wait_closed() is not awaited: from Python 3.12 on it also waits for every connection, which

@@ -5,7 +5,7 @@ The daemon's ``LookupService`` implements :class:`MapService`; sessions never se
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
 from mailroster.backends.outcome import AuthOutcome, Outcome, ScramCredentials, UserOutcome
@@ -85,6 +85,15 @@ class UserService(Protocol):
 
 class DictService(MapService, UserService, Protocol):
     """What a Dovecot dict proxy name (a directory) answers: user and passdb records, and the lookup maps."""
+
+
+class PolicyService(Protocol):
+    """Decides Postfix policy delegation requests."""
+
+    def decide(self, request: Mapping[str, str]) -> Coroutine[Any, Any, Outcome]:
+        """The action for one request (its attributes by name): ``Found(action)``, e.g. ``Found("DUNNO")``;
+        :class:`TempFail` when the directory cannot answer. Never raises."""
+        ...
 
 
 class Connection(Protocol):

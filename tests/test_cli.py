@@ -100,9 +100,13 @@ def test_configuration_errors_stop_every_command_with_all_errors_listed(tmp_path
         assert f"{path}: server.listener.x.bind: missing required key" in lines
 
 
-def test_protocols_of_later_versions_are_refused_by_check_config(tmp_path: Path) -> None:
+def test_check_config_takes_a_policy_listener_and_checks_the_policy_modes(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text(DATA.read_text() + '[server.listener.policy]\nprotocol = "policy"\nbind = "127.0.0.1:10040"\n')
+    listener = '[server.listener.policy]\nprotocol = "policy"\nbind = "127.0.0.1:10040"\n'
+    path.write_text(DATA.read_text() + listener + '[policy]\nunknown-recipient = "defer"\ntempfail = "close"\n')
+    result = mailroster("check-config", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    path.write_text(DATA.read_text() + listener + '[policy]\nunknown-recipient = "bounce"\n')
     result = mailroster("check-config", "-c", str(path))
     assert result.returncode == 78
-    assert "server.listener.policy.protocol: 'policy' is not available in this version" in result.stderr
+    assert "policy.unknown-recipient: must be one of: reject, defer, warn, off" in result.stderr
