@@ -30,7 +30,7 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import assert_never
 
-from mailroster.backends.errors import TemporaryFailure
+from mailroster.backends.errors import DirectoryError
 from mailroster.backends.outcome import Found, NotFound, Outcome, PermFail, TempFail, UserFields, UserOutcome
 
 from .dovecot import OrderedLineSession, ReplySlot, is_text, join_line, parse_uint, split_line
@@ -379,7 +379,7 @@ async def userdb_rows(service: UserService, flags: int, limit: int) -> AsyncGene
                     login = await anext(users)
                 except StopAsyncIteration:
                     exhausted = True
-                except TemporaryFailure as exc:
+                except DirectoryError as exc:
                     # The users listed so far still get their rows; the failure ends the iteration after them.
                     exhausted, failure = True, str(exc) or "temporary failure"
                 else:

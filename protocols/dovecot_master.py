@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import assert_never
 
-from mailroster.backends.errors import TemporaryFailure
+from mailroster.backends.errors import DirectoryError
 from mailroster.backends.outcome import NotFound, TempFail, UserFields, UserOutcome
 
 from .dovecot import UINT32_MAX, OrderedLineSession, ReplySlot, is_text, join_line, parse_uint, split_line
@@ -261,7 +261,7 @@ class DovecotMasterSession(OrderedLineSession):
                     slot.write(b"".join(rows))
                     rows.clear()
                     await slot.ready()
-        except TemporaryFailure as exc:
+        except DirectoryError as exc:  # a fault, or a directory that cannot list (misconfigured)
             log.warning("LIST %d failed: %s", request.id, exc)
             failed = True
         finally:
