@@ -13,7 +13,7 @@ from typing import Any, Self
 
 import pytest
 
-from mailroster.backends.errors import TemporaryFailure
+from mailroster.backends.errors import DirectoryError, PermanentFailure, TemporaryFailure
 from mailroster.backends.outcome import NOT_FOUND, TempFail, UserFields, UserOutcome
 from mailroster.protocols import dovecot_master
 from mailroster.protocols.dovecot_master import (
@@ -71,7 +71,7 @@ class FakeUsers:
     def __init__(self, listed: list[str] | None = None) -> None:
         self.listed = LISTED if listed is None else listed
         self.release = asyncio.Event()
-        self.list_fail = False
+        self.list_fail: type[DirectoryError] | None = None
         self.calls: list[tuple[str, str, str]] = []
 
     async def _find(self, login: str) -> UserOutcome:
@@ -99,7 +99,7 @@ class FakeUsers:
     async def users(self) -> AsyncIterator[str]:
         for index, login in enumerate(self.listed):
             if self.list_fail and index == 2:
-                raise TemporaryFailure("LDAP server down")
+                raise self.list_fail("LDAP server down")
             if index % 100 == 0:
                 await asyncio.sleep(0)
             yield login
@@ -385,10 +385,13 @@ def test_pipelined_replies_stay_in_order() -> None:
 
 
 @pytest.mark.usefixtures("loop_kind")
-def test_list_failure_ends_with_done_fail() -> None:
+@pytest.mark.parametrize("error", [TemporaryFailure, PermanentFailure])
+def test_list_failure_ends_with_done_fail(error: type[DirectoryError]) -> None:
+    """A fault, or a directory that cannot list at all (misconfigured): DONE fail, and the connection goes on."""
+
     async def main() -> None:
         service = FakeUsers()
-        service.list_fail = True
+        service.list_fail = error
         async with serve(lambda: DovecotMasterSession(service)) as path:
             client = await Client.connect(path)
             await client.send("VERSION\t1\t0", "LIST\t1", "USER\t2\tbob@example.com\tservice=lmtp")
