@@ -209,8 +209,14 @@ class LdapQueries:
     # The directory's questions.
 
     def principal_entry(self, reader: Reader, name: str) -> tuple[Entry, Principal] | None:
-        """The entry whose login is ``name``. An individual wins over a group of the same name; two individuals
-        (or two groups) are a data error that no answer would be right for."""
+        """The entry whose login is ``name``, and its principal with memberships (see :meth:`_login_entry`)."""
+        found = self._login_entry(reader, name)
+        return (found[0], self.complete(reader, *found)) if found is not None else None
+
+    def _login_entry(self, reader: Reader, name: str) -> tuple[Entry, Principal] | None:
+        """The entry whose login is ``name``, and its principal without memberships. An individual wins over a
+        group of the same name; two individuals (or two groups) are a data error that no answer would be right
+        for."""
         if not _usable(name):
             return None
         found = [
@@ -226,8 +232,7 @@ class LdapQueries:
             raise PermanentFailure(
                 f"LDAP: the login {name!r} matches {len(chosen)} entries; filter.name must match one"
             )
-        entry, principal = chosen[0]
-        return entry, self.complete(reader, entry, principal)
+        return chosen[0]
 
     def principal(self, reader: Reader, name: str) -> Principal | None:
         found = self.principal_entry(reader, name)
@@ -269,6 +274,11 @@ class LdapQueries:
         owners = self._owners(reader, address)
         mailboxes = _unique(m.name for _, m in owners if m.type is PrincipalType.INDIVIDUAL)
         if mailboxes:
+            # The primaries, as principal() would give them (the same search by name, without the memberships it
+            # would also read), so that the mailbox and alias maps need no second trip. Any doubt: leave them out.
+            logins = [self._login_entry(reader, name) for name in mailboxes]
+            if all(found is not None and found[1].name == name for found, name in zip(logins, mailboxes, strict=True)):
+                return Mailbox(mailboxes, tuple(found[1].primary_email for found in logins if found is not None))
             return Mailbox(mailboxes)
         addresses = [m.primary for e, _ in owners for m in self.members(reader, e)]
         found = bool(owners)
