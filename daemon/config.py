@@ -39,6 +39,9 @@ DIRECTORY_TYPES: dict[str, str] = {
     "sql": "mailroster.backends.sql:SqlDirectoryConfig",
     "internal": "mailroster.backends.internal:InternalDirectoryConfig",
     "ldap": "mailroster.backends.ldap_config:LdapDirectoryConfig",
+    "imap": "mailroster.backends.imap:ImapDirectoryConfig",
+    "smtp": "mailroster.backends.smtp:SmtpDirectoryConfig",
+    "lmtp": "mailroster.backends.smtp:SmtpDirectoryConfig",
 }
 STORE_TYPES: dict[str, str] = {
     "sqlite": "mailroster.backends.store:SqliteStoreConfig",

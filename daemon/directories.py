@@ -42,6 +42,9 @@ DIRECTORY_BACKENDS: dict[str, str] = {
     "sql": "mailroster.backends.sql:SqlDirectory",
     "internal": "mailroster.backends.internal:InternalDirectory",
     "ldap": "mailroster.backends.ldap:LdapDirectory",
+    "imap": "mailroster.backends.imap:ImapDirectory",
+    "smtp": "mailroster.backends.smtp:SmtpDirectory",
+    "lmtp": "mailroster.backends.smtp:SmtpDirectory",
 }
 
 
