@@ -274,7 +274,8 @@ class LineSession(asyncio.Protocol):
         if not (self._writing_paused or self._decoder.buffered or self.busy):
             reply = self.answer_at_once(data)
             if reply is not None:
-                self.write(reply)
+                assert self._transport is not None  # data arrived on it, and it is not closing (_closing above)
+                self._transport.write(reply)
                 return
         try:
             for line in self._decoder.feed(data):

@@ -307,6 +307,7 @@ class DovecotAuthSession(LineSession):
         # The service's synchronous auth-cache check, and whether cached PLAIN logins may take the fast path.
         self._cached_login: Callable[[bytes, bytes], str | None] | None = service.cached_login
         self._fast_plain = False  # True once the handshake is over, if PLAIN is offered
+        self._debug = log.isEnabledFor(logging.DEBUG)  # the level is set at start-up, before any connection
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -360,7 +361,7 @@ class DovecotAuthSession(LineSession):
         reply = b"OK\t%d\tuser=%s\n" % (request_id, _user_field(name))
         if len(reply) > MAX_LINE:
             return None  # the general way reports it
-        if log.isEnabledFor(logging.DEBUG):
+        if self._debug:
             log.debug("auth id=%d mech='PLAIN' login=%r result=ok (cached)", request_id, login.decode(errors="replace"))
         return reply
 
