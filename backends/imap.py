@@ -39,7 +39,7 @@ from typing import Literal
 
 from .errors import TemporaryFailure
 from .model import Principal
-from .pool import ConnectionPool, PoolConfig
+from .pool import PoolConfig
 from .remote import RemoteDirectory, RemoteLookupConfig, RemoteTlsConfig, tls_context
 from .settings import CacheConfig, Duration
 from .tasks import ensure_task
@@ -297,30 +297,24 @@ def _scrub(text: str, password: str) -> str:
     return text.replace(password, "***") if password else text
 
 
-class ImapDirectory(RemoteDirectory):
+class ImapDirectory(RemoteDirectory[ImapConnection]):
     """A :class:`RemoteDirectory` whose passwords an IMAP server checks."""
 
     kind = "imap"
 
     def __init__(self, config: ImapDirectoryConfig) -> None:
-        super().__init__(config.lookup.domains)
         self.config = config
         self._host = config.host
         self._port = config.effective_port
         self._timeout = float(config.timeout)
-        self._name = f"imap {self._host}:{self._port}"
-        self._pool: ConnectionPool[ImapConnection] = ConnectionPool(
-            self._name, config.pool, self._open, self._close, self._check
+        name = f"imap {self._host}:{self._port}"
+        super().__init__(
+            name, config.lookup.domains, config.pool, connect=self._open, disconnect=self._close, check=self._check
         )
 
     @classmethod
     def from_config(cls, config: ImapDirectoryConfig) -> ImapDirectory:
         return cls(config)
-
-    @property
-    def pool_size(self) -> int:
-        """Pooled connections open now, idle or in use."""
-        return self._pool.size
 
     async def _open(self) -> ImapConnection:
         try:
@@ -339,8 +333,8 @@ class ImapDirectory(RemoteDirectory):
 
     async def verify_password(self, login: str, password: str, *, by_email: bool = True) -> Principal | None:
         """Whether the server accepts ``login``/``password``. ``by_email`` is moot: the server resolves the login."""
-        if not password or not login or "\0" in login or "\0" in password:
-            return None  # never valid: not worth a round trip (and SASL PLAIN cannot carry a NUL)
+        if self.never_valid(login, password):
+            return None
         await ensure_task()  # asyncio.timeout needs a task of this request's own (see .tasks)
         try:
             async with asyncio.timeout(self._timeout), self._pool.connection() as conn:
@@ -362,6 +356,3 @@ class ImapDirectory(RemoteDirectory):
         except (OSError, ConnectionError) as exc:
             raise TemporaryFailure(f"{self._name}: {exc.strerror or type(exc).__name__}") from None
         return None  # NO: a wrong password or an unknown user; the connection went back to the pool
-
-    async def close(self) -> None:
-        await self._pool.close()

@@ -12,13 +12,17 @@ a remote server cannot answer (a principal by name, the owner of an address, the
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from .address import normalize_address
 from .directory import Directory
 from .errors import PermanentFailure
 from .model import Principal, PrincipalType, Recipient
+from .pool import ConnectionPool, PoolConfig
+
+C = TypeVar("C")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +50,38 @@ def tls_context(tls: RemoteTlsConfig) -> ssl.SSLContext:
     return context
 
 
-class RemoteDirectory(Directory):
-    """The part of the Directory interface a remote server cannot answer, and the local domains."""
+class RemoteDirectory(Directory, Generic[C]):
+    """The part of the Directory interface a remote server cannot answer, the local domains, and the pool of
+    connections to the server (``C``: one connection) that a subclass opens, closes and checks."""
 
     kind = "remote"
 
-    def __init__(self, domains: list[str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        domains: list[str],
+        pool: PoolConfig,
+        *,
+        connect: Callable[[], Awaitable[C]],
+        disconnect: Callable[[C], Awaitable[None]],
+        check: Callable[[C], Awaitable[bool]],
+    ) -> None:
+        self._name = name
         self._domains = frozenset(d.lower().rstrip(".") for d in domains)
+        self._pool: ConnectionPool[C] = ConnectionPool(name, pool, connect, disconnect, check)
+
+    @property
+    def pool_size(self) -> int:
+        """Pooled connections open now, idle or in use."""
+        return self._pool.size
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @staticmethod
+    def never_valid(login: str, password: str) -> bool:
+        """Credentials no server is asked about: empty, or with a NUL (SASL PLAIN's separator)."""
+        return not login or not password or "\0" in login or "\0" in password
 
     def _unsupported(self, what: str) -> PermanentFailure:
         return PermanentFailure(f"a {self.kind} directory cannot look up {what}: it only authenticates")

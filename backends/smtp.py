@@ -47,7 +47,7 @@ from aiosmtplib import SMTP, SMTPException, SMTPResponse
 
 from .errors import PermanentFailure, TemporaryFailure
 from .model import Mailbox, Principal, Recipient
-from .pool import ConnectionPool, PoolConfig
+from .pool import PoolConfig
 from .remote import RemoteDirectory, RemoteLookupConfig, RemoteTlsConfig, tls_context
 from .settings import CacheConfig, Duration
 from .tasks import ensure_task
@@ -171,35 +171,26 @@ class _Retire(Exception):
         self.principal = principal
 
 
-class SmtpDirectory(RemoteDirectory):
+class SmtpDirectory(RemoteDirectory[_Session]):
     """Authenticates against, and asks about recipients, a remote SMTP or LMTP server."""
 
     kind = "smtp"
 
     def __init__(self, config: SmtpDirectoryConfig, *, helo: str | None = None) -> None:
-        super().__init__(config.lookup.domains)
         self.kind = config.type
         self.config = config
         self._port = config.effective_port
         self._timeout = float(config.timeout)
         self._helo = helo or hello_name()
         self._tls = tls_context(config.tls)
-        self._name = f"{config.type} {config.host}:{self._port}"
-        self._pool: ConnectionPool[_Session] = ConnectionPool(
-            self._name, config.pool, self._open, self._close, self._healthy
+        name = f"{config.type} {config.host}:{self._port}"
+        super().__init__(
+            name, config.lookup.domains, config.pool, connect=self._open, disconnect=self._close, check=self._healthy
         )
 
     @classmethod
     def from_config(cls, config: SmtpDirectoryConfig) -> SmtpDirectory:
         return cls(config)
-
-    @property
-    def pool_size(self) -> int:
-        """Connections open now (for tests and statistics)."""
-        return self._pool.size
-
-    async def close(self) -> None:
-        await self._pool.close()
 
     # Connections.
 
@@ -287,7 +278,7 @@ class SmtpDirectory(RemoteDirectory):
         ``by_email`` is the server's business: it decides which logins it knows. An empty password, or a login or
         password with a NUL (the separator of AUTH PLAIN), is None without asking.
         """
-        if not login or not password or "\0" in login or "\0" in password:
+        if self.never_valid(login, password):
             return None
         await ensure_task()
         try:
